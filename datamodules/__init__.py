@@ -1,0 +1,17 @@
+"""Data modules: batches are ``(images, labels)``; see `stacktrain.datamodules.base`."""
+
+from .base import ImageDataModule, TensorImageDataset, image_transform
+from .digits import DigitsDataModule, digits_splits
+from .image_folder import ImageFolderDataModule
+from .webdataset import WebDatasetDataModule, expand_shards
+
+__all__ = [
+    "ImageDataModule",
+    "TensorImageDataset",
+    "image_transform",
+    "DigitsDataModule",
+    "digits_splits",
+    "ImageFolderDataModule",
+    "WebDatasetDataModule",
+    "expand_shards",
+]

@@ -1,0 +1,136 @@
+"""The interface every stacktrain image data module keeps, and the transforms they share.
+
+Batches are ``(images, labels)``: ``images`` a float32 tensor ``[B, C, H, W]``, normalized;
+``labels`` an int64 tensor ``[B]``. Every data module exposes ``num_classes``, ``class_names`` and
+``image_shape`` (C, H, W after transforms), which models use to check themselves before training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from stacktrain.errors import StackError, require_number
+
+__all__ = ["ImageDataModule", "TensorImageDataset", "image_transform"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def image_transform(
+    *,
+    train: bool,
+    image_size: int | None,
+    channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool,
+    flip: bool = True,
+) -> v2.Compose:
+    """PIL image or uint8 tensor -> normalized float tensor of ``channels`` x ``image_size``².
+
+    Training augmentation (when ``augment``): random crop with 1/8 padding and, if ``flip``, a
+    horizontal flip. Evaluation: resize only.
+    """
+    steps: list[Any] = [v2.ToImage()]
+    steps.append(v2.Grayscale(num_output_channels=1) if channels == 1 else v2.RGB())
+    if image_size is not None:
+        steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    if train and augment:
+        if image_size is not None:
+            steps.append(v2.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"))
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(_per_channel(mean, channels), _per_channel(std, channels))]
+    return v2.Compose(steps)
+
+
+def _per_channel(values: Sequence[float], channels: int) -> list[float]:
+    values = list(values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return [sum(values) / len(values)]
+    if len(values) == 1:
+        return values * channels
+    raise StackError(
+        f"has {len(values)} values but the images have {channels} channels",
+        source="data", key="mean/std", value=values, fix=f"give 1 or {channels} values",
+    )
+
+
+class TensorImageDataset(Dataset):
+    """Images already in memory as a float tensor ``[N, C, H, W]``, with an optional per-sample
+    tensor transform (augmentation)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Any = None) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+class ImageDataModule(LightningDataModule):
+    """Base of the image-classification data modules: argument checks and data loaders.
+
+    Subclasses fill ``self.train_set``, ``self.val_set``, ``self.test_set`` in ``setup`` and set
+    ``num_classes``, ``class_names`` and ``image_shape``.
+    """
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False) -> None:
+        super().__init__()
+        source = type(self).__name__
+        require_number(batch_size, "data.init_args.batch_size", source=source, low=1, integer=True,
+                       fix="use a positive batch size such as 64")
+        require_number(num_workers, "data.init_args.num_workers", source=source, low=0, integer=True,
+                       fix="use 0 (load in the main process) or a positive number of workers")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self.num_classes: int | None = None
+        self.class_names: list[str] = []
+        self.image_shape: tuple[int, int, int] | None = None
+
+    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
+        if dataset is None:
+            raise StackError(
+                "has no data for this stage", source=type(self).__name__, fix="call setup() first or check the split"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

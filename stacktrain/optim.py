@@ -1,0 +1,103 @@
+"""Optimizer and LR-scheduler construction from LightningCLI's ``OptimizerCallable`` /
+``LRSchedulerCallable`` arguments, shared by the LightningModules.
+
+Schedulers that need the length of training get it from the trainer when the config leaves it
+out: ``OneCycleLR(total_steps=...)``, ``CosineAnnealingLR(T_max=...)``, ``LinearLR(total_iters=...)``
+and ``PolynomialLR(total_iters=...)`` receive the number of scheduler steps of the run
+(optimizer steps when ``interval="step"``, epochs when ``interval="epoch"``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from stacktrain.errors import StackError
+
+#: Scheduler keywords that mean "length of the schedule" and are filled in from the trainer.
+LENGTH_KEYWORDS = ("total_steps", "T_max", "total_iters")
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def _target_class(factory: Callable[..., Any]) -> type | None:
+    """The scheduler class a factory builds (a class, or jsonargparse's partial over one)."""
+    if isinstance(factory, type):
+        return factory
+    if isinstance(factory, functools.partial):
+        classes = [a for a in factory.args if isinstance(a, type)]
+        if classes:
+            return classes[-1]
+        return _target_class(factory.func)
+    return None
+
+
+def build_scheduler(factory: Callable[..., Any], optimizer: torch.optim.Optimizer, length: int) -> Any:
+    """Call ``factory(optimizer)``, passing ``length`` for a schedule-length keyword left unset."""
+    cls = _target_class(factory)
+    given = dict(factory.keywords) if isinstance(factory, functools.partial) else {}
+    extra: dict[str, Any] = {}
+    if cls is not None:
+        params = inspect.signature(cls).parameters
+        for name in LENGTH_KEYWORDS:
+            if name in params and given.get(name) is None:
+                extra[name] = int(length)
+                break
+    return factory(optimizer, **extra)
+
+
+def weight_decay_groups(model: nn.Module, exclude_norm_and_bias: bool = True) -> list[dict[str, Any]]:
+    """Trainable parameters split into a decayed group and (norm weights, biases, 1-D tensors such
+    as ViT position and class tokens) a group with ``weight_decay=0``."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            skip = exclude_norm_and_bias and (
+                isinstance(module, _NORM_TYPES) or name == "bias" or param.ndim <= 1 or name.endswith("token")
+                or "pos_embed" in name
+            )
+            (no_decay if skip else decay).append(param)
+    groups = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def configure_optimization(
+    module: Any,
+    optimizer: Callable[[Iterable[Any]], torch.optim.Optimizer],
+    lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None,
+    interval: str = "step",
+    params: Iterable[Any] | None = None,
+) -> Any:
+    """What ``configure_optimizers`` returns: the optimizer and, if given, its scheduler stepped every
+    ``interval`` ("step" or "epoch") with its length taken from ``module.trainer``."""
+    opt = optimizer(params if params is not None else weight_decay_groups(module))
+    if lr_scheduler is None:
+        return opt
+    trainer = module.trainer
+    if interval == "step":
+        length = trainer.estimated_stepping_batches
+    else:
+        length = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else math.inf
+    if not math.isfinite(length):
+        raise StackError(
+            "needs the length of training, which is unknown (no max_epochs/max_steps, or data of unknown length)",
+            source=type(module).__name__,
+            key="lr_scheduler",
+            value=_target_class(lr_scheduler).__name__ if _target_class(lr_scheduler) else repr(lr_scheduler),
+            fix="set trainer.max_epochs or trainer.max_steps, or give the scheduler its length explicitly",
+        )
+    scheduler = build_scheduler(lr_scheduler, opt, int(length))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

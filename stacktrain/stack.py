@@ -1,0 +1,326 @@
+"""The stack contract: the `Technique` base class, stack ordering and validation, cost reporting.
+
+Every technique callback subclasses `Technique` and keeps the contract of DESIGN.md:
+
+1. it validates in ``setup`` (`Technique.setup_technique`) and raises `StackError` before any batch;
+2. it keeps all of its state in ``state_dict`` / ``load_state_dict``;
+3. it is rank-consistent (schedules read ``trainer.global_step``; random decisions that must agree
+   across ranks come from `step_generator` or a broadcast);
+4. it logs under its own name (`Technique.log_metric` prefixes ``<name>/``);
+5. it reports what it saves to the `EfficiencySink` (the `EfficiencyReport` callback) with
+   `Technique.report_cost`;
+6. it changes nothing it is not attached to;
+7. it is order-independent: `arrange_stack` sorts the techniques of a run by `Technique.stack_order`,
+   whatever order the user listed them in, and `Technique.on_after_optimizer_step` is dispatched in
+   that order after every real optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+
+from stacktrain.errors import StackError
+
+__all__ = [
+    "StackError",
+    "Technique",
+    "EfficiencySink",
+    "CostLine",
+    "arrange_stack",
+    "techniques_of",
+    "run_dir",
+    "unique_path",
+    "step_generator",
+    "FLOPS_PER_STEP",
+    "TOKENS_PER_SAMPLE",
+    "BYTES_PER_STEP",
+    "INFERENCE_FLOPS",
+]
+
+# The quantities techniques report. Free-form names work too; these keep the report's rows aligned.
+FLOPS_PER_STEP = "train FLOPs/step"
+TOKENS_PER_SAMPLE = "tokens/sample"
+BYTES_PER_STEP = "communicated bytes/step"
+INFERENCE_FLOPS = "inference FLOPs/sample"
+
+
+@dataclass
+class CostLine:
+    """Running totals of one quantity for one technique: what it cost against what it would have."""
+
+    technique: str
+    quantity: str
+    unit: str = ""
+    baseline: float = 0.0
+    actual: float = 0.0
+    count: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """Actual cost over baseline cost (below 1 means the technique saved)."""
+        return self.actual / self.baseline if self.baseline else math.nan
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "technique": self.technique,
+            "quantity": self.quantity,
+            "unit": self.unit,
+            "baseline": self.baseline,
+            "actual": self.actual,
+            "count": self.count,
+        }
+
+
+class EfficiencySink(Callback):
+    """Receives what techniques save. `stacktrain.callbacks.EfficiencyReport` is the implementation
+    that writes the report; this base lives here so the core does not import the callbacks package."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple[str, str], CostLine] = {}
+
+    def record(
+        self, technique: str, quantity: str, *, baseline: float, actual: float, unit: str = "", count: int = 1
+    ) -> None:
+        """Add ``count`` observations whose totals are ``baseline`` (without the technique) and ``actual``."""
+        line = self.lines.setdefault((technique, quantity), CostLine(technique, quantity, unit))
+        line.baseline += float(baseline)
+        line.actual += float(actual)
+        line.count += int(count)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lines": [line.as_dict() for line in self.lines.values()]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.lines = {}
+        for item in state_dict.get("lines", []):
+            line = CostLine(**item)
+            self.lines[(line.technique, line.quantity)] = line
+
+
+class Technique(Callback):
+    """Base class of every stacktrain technique callback.
+
+    Subclasses set the class attributes below, implement `setup_technique` to find what they need
+    in the model and reject what they cannot handle (raise `StackError`), and use `log_metric`,
+    `report_cost` and `on_after_optimizer_step`. They do not override ``setup``.
+    """
+
+    #: Logging namespace and name in the efficiency report, e.g. ``"token_dropout"``.
+    name: ClassVar[str] = "technique"
+    #: Position in the stack where techniques touch the same thing; lower runs first. See
+    #: `STACK_ORDER` for the project's techniques.
+    stack_order: ClassVar[int] = 100
+    #: Techniques (class names) this one cannot share a run with, and why.
+    conflicts: ClassVar[Mapping[str, str]] = {}
+    #: Whether two instances may be attached to one run.
+    allow_multiple: ClassVar[bool] = False
+    #: Strategies under which this technique is known to be correct.
+    supported_strategies: ClassVar[tuple[type[Strategy], ...]] = (SingleDeviceStrategy, DDPStrategy)
+
+    # ----------------------------------------------------------------------------------- contract
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        arrange_stack(trainer)
+        self._validate_stack(trainer, pl_module)
+        self.setup_technique(trainer, pl_module, stage)
+
+    def setup_technique(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Find what the technique needs in ``pl_module``; raise `StackError` if it cannot apply."""
+
+    def on_after_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Called after every optimizer step that really happened, in stack order."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _runtime(trainer).attach_optimizer_hooks(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _runtime(trainer).detach_optimizer_hooks()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        _runtime(trainer).detach_optimizer_hooks()
+
+    # ----------------------------------------------------------------------------------- helpers
+    def error(self, problem: str, *, key: str | None = None, value: Any = None, fix: str | None = None) -> StackError:
+        """A `StackError` attributed to this technique (``raise self.error(...)``)."""
+        if key is None:
+            return StackError(problem, source=type(self).__name__, fix=fix)
+        return StackError(problem, source=type(self).__name__, key=key, value=value, fix=fix)
+
+    def log_metric(self, pl_module: LightningModule, key: str, value: Any, **kwargs: Any) -> None:
+        """``pl_module.log`` under this technique's namespace (``<name>/<key>``), per step by default."""
+        kwargs.setdefault("on_step", True)
+        kwargs.setdefault("on_epoch", False)
+        pl_module.log(f"{self.name}/{key}", value, **kwargs)
+
+    def report_cost(
+        self, trainer: Trainer, quantity: str, *, baseline: float, actual: float, unit: str = "", count: int = 1
+    ) -> None:
+        """Tell the run's `EfficiencySink` (if any) what this step cost against its baseline."""
+        for callback in trainer.callbacks:
+            if isinstance(callback, EfficiencySink):
+                callback.record(self.name, quantity, baseline=baseline, actual=actual, unit=unit, count=count)
+
+    def refresh_optimizer_hooks(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Re-attach the after-step dispatch, for techniques that rebuild the optimizers mid-run."""
+        runtime = _runtime(trainer)
+        runtime.detach_optimizer_hooks()
+        runtime.attach_optimizer_hooks(trainer, pl_module)
+
+    # ----------------------------------------------------------------------------------- checks
+    def _validate_stack(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        me = type(self).__name__
+        if not isinstance(trainer.strategy, self.supported_strategies):
+            supported = ", ".join(s.__name__ for s in self.supported_strategies)
+            raise StackError(
+                f"is not supported (supported: {supported}); the technique would train wrongly",
+                source=me,
+                key="trainer.strategy",
+                value=type(trainer.strategy).__name__,
+                fix="use strategy 'ddp' (or a single device), or remove this technique from trainer.callbacks",
+            )
+        others = techniques_of(trainer)
+        if not self.allow_multiple and sum(type(t) is type(self) for t in others) > 1:
+            raise StackError(
+                "is attached more than once; two instances would fight over the same hook point",
+                source=me,
+                key="trainer.callbacks",
+                value=[type(t).__name__ for t in others],
+                fix=f"keep a single {me} in trainer.callbacks",
+            )
+        # A conflict may name another technique callback or a module-form technique (the model class).
+        present = {type(t).__name__ for t in others if t is not self}
+        present |= {base.__name__ for base in type(pl_module).__mro__}
+        for other, reason in self.conflicts.items():
+            if other in present:
+                raise StackError(
+                    f"cannot share a run with {other}: {reason}",
+                    source=me,
+                    key="trainer.callbacks",
+                    value=[type(t).__name__ for t in others],
+                    fix=f"remove {me} or {other} from the run",
+                )
+        module_conflicts: Mapping[str, str] = getattr(pl_module, "stack_conflicts", None) or {}
+        if me in module_conflicts:
+            raise StackError(
+                f"cannot be attached to {type(pl_module).__name__}: {module_conflicts[me]}",
+                source=me,
+                key="model",
+                value=type(pl_module).__name__,
+                fix=f"remove {me} from trainer.callbacks or use another model",
+            )
+
+
+#: Where the project's techniques stand where they touch the same thing (DESIGN.md, contract 7).
+#: Sequence transforms come first, then gradient transforms, then what rewrites weights after the
+#: optimizer step: the hypernetwork update before the prune masks, so masked weights stay zero.
+STACK_ORDER: dict[str, int] = {
+    "token_dropout": 10,
+    "grad_quant": 20,
+    "prune_regrow": 30,
+}
+
+
+def techniques_of(trainer: Trainer) -> list[Technique]:
+    """The techniques attached to ``trainer``, in stack order once `arrange_stack` has run."""
+    return [c for c in trainer.callbacks if isinstance(c, Technique)]
+
+
+def arrange_stack(trainer: Trainer) -> None:
+    """Sort the techniques in ``trainer.callbacks`` by `Technique.stack_order` (ties by name).
+
+    Non-technique callbacks keep their positions; techniques are permuted among the slots they
+    occupy. Idempotent. Every later hook (and `Technique.on_after_optimizer_step`) then runs in
+    stack order, so ``[A, B]`` and ``[B, A]`` give the same run.
+    """
+    callbacks = list(trainer.callbacks)
+    slots = [i for i, c in enumerate(callbacks) if isinstance(c, Technique)]
+    ordered = sorted((callbacks[i] for i in slots), key=lambda t: (t.stack_order, t.name))
+    if all(callbacks[i] is t for i, t in zip(slots, ordered)):
+        return
+    for i, technique in zip(slots, ordered):
+        callbacks[i] = technique
+    trainer.callbacks = callbacks
+
+
+class _StackRuntime:
+    """Per-trainer bookkeeping: the optimizer post-step hooks that dispatch to techniques in order."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def attach_optimizer_hooks(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.handles:
+            return
+        techniques = [
+            t for t in techniques_of(trainer)
+            if type(t).on_after_optimizer_step is not Technique.on_after_optimizer_step
+        ]
+        if not techniques:
+            return
+        trainer_ref = weakref.ref(trainer)
+
+        def dispatch(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            live = trainer_ref()
+            if live is None:
+                return
+            for technique in techniques:
+                technique.on_after_optimizer_step(live, live.lightning_module, optimizer)
+
+        for optimizer in trainer.optimizers:
+            self.handles.append(optimizer.register_step_post_hook(dispatch))
+
+    def detach_optimizer_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+_RUNTIMES: "weakref.WeakKeyDictionary[Trainer, _StackRuntime]" = weakref.WeakKeyDictionary()
+
+
+def _runtime(trainer: Trainer) -> _StackRuntime:
+    runtime = _RUNTIMES.get(trainer)
+    if runtime is None:
+        runtime = _RUNTIMES[trainer] = _StackRuntime()
+    return runtime
+
+
+def run_dir(trainer: Trainer) -> str:
+    """The run's directory: where ModelCheckpoint puts ``checkpoints/`` and stacktrain writes its
+    reports (``config.yaml``, ``efficiency.md``). Same rule as ModelCheckpoint; meaningful on rank 0."""
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+        version = logger.version
+        version = version if isinstance(version, str) else f"version_{version}"
+        return os.path.join(save_dir, str(logger.name), version)
+    return trainer.default_root_dir
+
+
+def unique_path(path: str) -> str:
+    """``path`` if nothing is there yet, else ``stem-2.ext``, ``stem-3.ext``...: never overwrite."""
+    if not os.path.exists(path):
+        return path
+    stem, ext = os.path.splitext(path)
+    n = 2
+    while os.path.exists(f"{stem}-{n}{ext}"):
+        n += 1
+    return f"{stem}-{n}{ext}"
+
+
+def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator that is identical on every rank for a given (seed, global step): random decisions
+    that must agree across DDP ranks draw from it instead of the per-rank global RNG."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
+    return generator

@@ -1,0 +1,34 @@
+"""Shared test setup: W&B offline and quiet, small models, and cleanup of W&B runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_CODE", "true")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+#: A ViT small enough for unit tests on 16x16 grayscale digits (17 tokens, ~30k parameters).
+TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+@pytest.fixture
+def tiny_vit_kwargs() -> dict:
+    return dict(TINY_VIT)
+
+
+@pytest.fixture(autouse=True)
+def _finish_wandb():
+    """A test that started a W&B run must not leave it open for the next one."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(quiet=True)

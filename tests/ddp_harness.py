@@ -1,0 +1,142 @@
+"""Run stacktrain as separate processes, the way users do, and compare what each rank ends with.
+
+The 2-process DDP harness every technique's tests use::
+
+    result = run_ddp(["fit", "--config", cfg, *overrides], workdir=tmp_path, dump_dir=tmp_path / "ranks")
+    states = load_rank_states(tmp_path / "ranks", 2)
+    assert_states_equal(states[0], states[1])
+
+`run_ddp` starts ``python train.py ...`` with ``--trainer.accelerator cpu --trainer.devices 2
+--trainer.strategy ddp`` (gloo); Lightning starts the second rank itself. With ``dump_dir``, the
+`DumpState` callback is appended to the run and writes ``rank<k>.pt`` at the end of fit: the model's
+weights and the ``state_dict`` of every stacktrain technique, so tests can check that ranks agree.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+TRAIN_PY = REPO / "train.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def subprocess_env(extra: Mapping[str, str] | None = None, threads: int = 1) -> dict[str, str]:
+    """Environment for a child run: CPU only, W&B offline and quiet, this folder importable (for
+    test-only callbacks by class path), a free rendezvous port, ``threads`` BLAS threads per process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(
+        CUDA_VISIBLE_DEVICES="",
+        WANDB_MODE=env.get("WANDB_MODE", "offline"),
+        WANDB_SILENT="true",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        OMP_NUM_THREADS=str(threads),
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("LOCAL_RANK", None)
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def run_command(
+    argv: Sequence[str], *, workdir: Path, env: Mapping[str, str] | None = None, timeout: float = 300, threads: int = 2
+) -> subprocess.CompletedProcess:
+    """Run ``argv`` (a python command line) in ``workdir``; output captured as text."""
+    return subprocess.run(
+        [str(a) for a in argv], cwd=workdir, env=subprocess_env(env, threads=threads), capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+def run_cli(args: Sequence[str], *, workdir: Path, env: Mapping[str, str] | None = None, timeout: float = 300,
+            threads: int = 2) -> subprocess.CompletedProcess:
+    """``python train.py <args>`` in ``workdir`` (so ``runs/`` lands there)."""
+    return run_command([sys.executable, TRAIN_PY, *args], workdir=workdir, env=env, timeout=timeout, threads=threads)
+
+
+def run_ddp(
+    args: Sequence[str],
+    *,
+    workdir: Path,
+    nprocs: int = 2,
+    dump_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 420,
+) -> subprocess.CompletedProcess:
+    """``python train.py <args>`` as ``nprocs`` CPU processes under DDP (gloo), one thread each."""
+    extra = ["--trainer.accelerator", "cpu", "--trainer.devices", str(nprocs), "--trainer.strategy", "ddp"]
+    if dump_dir is not None:
+        extra += ["--trainer.callbacks+=ddp_harness.DumpState", f"--trainer.callbacks.dirpath={dump_dir}"]
+    return run_cli([*args, *extra], workdir=workdir, env=env, timeout=timeout, threads=1)
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Fail with the child's output when it did not exit 0."""
+    assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    return result
+
+
+def technique_states(trainer: Trainer) -> dict[str, Any]:
+    """``state_dict`` of every stacktrain technique attached to ``trainer``, by class name."""
+    from stacktrain.stack import techniques_of
+
+    return {type(t).__name__: t.state_dict() for t in techniques_of(trainer)}
+
+
+class DumpState(Callback):
+    """Test-only: at the end of fit, each rank writes ``rank<k>.pt`` with its weights and the state
+    of every technique, for cross-rank and resume comparisons."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        os.makedirs(self.dirpath, exist_ok=True)
+        state = {
+            "global_step": trainer.global_step,
+            "model": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
+            "techniques": technique_states(trainer),
+        }
+        torch.save(state, os.path.join(self.dirpath, f"rank{trainer.global_rank}.pt"))
+
+
+def load_rank_states(dirpath: Path, nprocs: int) -> list[dict[str, Any]]:
+    return [torch.load(Path(dirpath) / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
+def assert_states_equal(a: Any, b: Any, path: str = "state") -> None:
+    """Recursive exact equality of nested dicts/lists/tensors/numbers, naming the first difference."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{path}: tensor vs {type(b).__name__}"
+        assert a.shape == b.shape and a.dtype == b.dtype, f"{path}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+        assert torch.equal(a, b), f"{path}: tensors differ (max abs diff {(a.float() - b.float()).abs().max().item():.3g})"
+    elif isinstance(a, Mapping):
+        assert isinstance(b, Mapping) and set(a) == set(b), f"{path}: keys differ: {sorted(set(a) ^ set(b))[:10]}"
+        for key in a:
+            assert_states_equal(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"

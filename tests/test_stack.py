@@ -1,0 +1,251 @@
+"""The stack contract, tested with small test-only techniques (DESIGN.md, "The stack contract")."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from stacktrain.callbacks import EfficiencyReport
+from stacktrain.errors import StackError, require_choice, require_number
+from stacktrain.stack import (
+    BYTES_PER_STEP,
+    FLOPS_PER_STEP,
+    Technique,
+    arrange_stack,
+    run_dir,
+    step_generator,
+    techniques_of,
+    unique_path,
+)
+
+
+class TinyModule(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(4, 2)
+        self.training_steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        x, y = batch
+        return F.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(32, 4, generator=generator), torch.randint(0, 2, (32,), generator=generator))
+        return DataLoader(data, batch_size=4)
+
+
+CALLS: list[str] = []
+
+
+class Halve(Technique):
+    name = "halve"
+    stack_order = 1
+
+    def on_after_optimizer_step(self, trainer, pl_module, optimizer):
+        CALLS.append(self.name)
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.mul_(0.5)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.log_metric(pl_module, "value", 1.5)
+        self.report_cost(trainer, FLOPS_PER_STEP, baseline=100.0, actual=50.0, unit="FLOP")
+
+
+class Shift(Technique):
+    name = "shift"
+    stack_order = 2
+
+    def on_after_optimizer_step(self, trainer, pl_module, optimizer):
+        CALLS.append(self.name)
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.add_(0.1)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.report_cost(trainer, FLOPS_PER_STEP, baseline=50.0, actual=25.0, unit="FLOP")
+        self.report_cost(trainer, BYTES_PER_STEP, baseline=4000.0, actual=1000.0, unit="B")
+
+
+class Rival(Technique):
+    name = "rival"
+    conflicts: ClassVar = {"Halve": "both rescale the weights after the optimizer step"}
+
+
+class DDPOnly(Technique):
+    name = "ddp_only"
+    supported_strategies = (DDPStrategy,)
+
+
+def make_trainer(tmp_path, callbacks, **kwargs) -> Trainer:
+    defaults = dict(
+        max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    defaults.update(kwargs)
+    return Trainer(callbacks=callbacks, **defaults)
+
+
+def test_stack_error_names_key_value_and_fix():
+    error = StackError("is out of range (0, 1]", source="TokenDropout", key="keep_ratio", value=1.5, fix="use 0.5")
+    assert str(error) == "TokenDropout: keep_ratio=1.5 is out of range (0, 1]. Fix: use 0.5."
+    with pytest.raises(StackError, match=r"keep_ratio=0 is out of range \(0, 1\]"):
+        require_number(0, "keep_ratio", source="T", low=0, high=1, low_inclusive=False)
+    with pytest.raises(StackError, match="must be a number, got str"):
+        require_number("a", "keep_ratio", source="T", low=0)
+    with pytest.raises(StackError, match="must be an integer"):
+        require_number(2.5, "bits", source="T", integer=True)
+    with pytest.raises(StackError, match="did you mean 'weights'"):
+        require_choice("weigths", "targets", ["weights", "activations", "both"], source="T")
+
+
+@pytest.mark.parametrize("order", [("halve", "shift"), ("shift", "halve")])
+def test_user_order_does_not_change_the_run(tmp_path, order):
+    """[A, B] and [B, A] run the after-step rewrites in stack order and end with the same weights."""
+    CALLS.clear()
+    made = {"halve": Halve(), "shift": Shift()}
+    module = TinyModule()
+    trainer = make_trainer(tmp_path, [made[name] for name in order])
+    trainer.fit(module)
+    assert [type(t).__name__ for t in techniques_of(trainer)] == ["Halve", "Shift"]
+    assert CALLS == ["halve", "shift"] * 4
+    reference = TinyModule()
+    reference_trainer = make_trainer(tmp_path, [Halve(), Shift()])
+    CALLS.clear()
+    reference_trainer.fit(reference)
+    for a, b in zip(module.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_arrange_stack_keeps_other_callbacks_in_place(tmp_path):
+    report = EfficiencyReport()
+    trainer = make_trainer(tmp_path, [Shift(), report, Halve()])
+    arrange_stack(trainer)
+    names = [type(c).__name__ for c in trainer.callbacks]
+    assert names.index("Halve") < names.index("EfficiencyReport") < names.index("Shift")
+
+
+def test_after_step_hook_runs_only_on_real_optimizer_steps(tmp_path):
+    CALLS.clear()
+    trainer = make_trainer(tmp_path, [Halve()], max_steps=-1, max_epochs=1, accumulate_grad_batches=2)
+    trainer.fit(TinyModule())
+    assert trainer.global_step == 4  # 8 batches, 2 per step
+    assert CALLS == ["halve"] * 4
+
+
+def test_declared_conflict_fails_before_the_first_batch(tmp_path):
+    module = TinyModule()
+    with pytest.raises(StackError, match="Rival: trainer.callbacks=.* cannot share a run with Halve"):
+        make_trainer(tmp_path, [Rival(), Halve()]).fit(module)
+    assert module.training_steps == 0
+
+
+def test_duplicate_technique_is_rejected(tmp_path):
+    module = TinyModule()
+    with pytest.raises(StackError, match="attached more than once"):
+        make_trainer(tmp_path, [Halve(), Halve()]).fit(module)
+    assert module.training_steps == 0
+
+
+def test_unsupported_strategy_is_rejected(tmp_path):
+    module = TinyModule()
+    with pytest.raises(StackError, match="trainer.strategy='SingleDeviceStrategy' is not supported"):
+        make_trainer(tmp_path, [DDPOnly()]).fit(module)
+    assert module.training_steps == 0
+
+
+def test_module_can_refuse_a_technique(tmp_path):
+    class NoHalving(TinyModule):
+        stack_conflicts: ClassVar = {"Halve": "its weights are frozen"}
+
+    module = NoHalving()
+    with pytest.raises(StackError, match="Halve: model='NoHalving' cannot be attached to NoHalving: its weights are frozen"):
+        make_trainer(tmp_path, [Halve()]).fit(module)
+    assert module.training_steps == 0
+
+
+def test_technique_logs_under_its_own_name(tmp_path):
+    trainer = make_trainer(tmp_path, [Halve()])
+    trainer.fit(TinyModule())
+    assert float(trainer.callback_metrics["halve/value"]) == 1.5
+
+
+def test_efficiency_report_writes_table_plot_and_metrics(tmp_path):
+    logger = CSVLogger(tmp_path, name="exp", version=0)
+    report = EfficiencyReport()
+    trainer = make_trainer(tmp_path, [Shift(), report, Halve()], logger=logger)
+    trainer.fit(TinyModule())
+    directory = run_dir(trainer)
+    assert directory == os.path.join(str(tmp_path), "exp", "version_0")
+    text = open(os.path.join(directory, "efficiency.md")).read()
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 0.500 | 50.0% |" in rows[("halve", FLOPS_PER_STEP)]
+    assert "| 0.500 | 50.0% |" in rows[("shift", FLOPS_PER_STEP)]
+    assert "| 0.250 | 75.0% |" in rows[("shift", BYTES_PER_STEP)]
+    # Both FLOPs savings compound: 0.5 x 0.5.
+    assert "| 0.250 | 75.0% |" in rows[("all techniques", FLOPS_PER_STEP)]
+    assert "| 100 FLOP | 50 FLOP |" in rows[("halve", FLOPS_PER_STEP)]
+    assert "training steps timed | 4 |" in text
+    png = os.path.join(directory, "efficiency.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    lines = report.rows()
+    assert [r.count for r in lines[:3]] == [4, 4, 4]
+    metrics = open(os.path.join(directory, "metrics.csv")).read()
+    assert "efficiency/all_techniques/train_flops_step_ratio" in metrics
+
+    # A second run into the same directory never overwrites the first report.
+    first = open(os.path.join(directory, "efficiency.md")).read()
+    trainer = make_trainer(tmp_path, [EfficiencyReport()], logger=CSVLogger(tmp_path, name="exp", version=0))
+    trainer.fit(TinyModule())
+    assert open(os.path.join(directory, "efficiency.md")).read() == first
+    assert os.path.exists(os.path.join(directory, "efficiency-2.md"))
+
+
+def test_efficiency_report_state_survives_a_checkpoint():
+    report = EfficiencyReport()
+    report.record("token_dropout", FLOPS_PER_STEP, baseline=10, actual=4, unit="FLOP", count=2)
+    report.steps, report.step_wall_s, report.step_cpu_s = 2, 0.5, 0.9
+    report.epochs = [[0.0, 2.0, 0.5, 0.9]]
+    state = report.state_dict()
+    restored = EfficiencyReport()
+    restored.load_state_dict(state)
+    assert restored.state_dict() == state
+    assert math.isclose(restored.rows()[0].ratio, 0.4)
+    # The state is plain data, so checkpoints load with torch.load(weights_only=True).
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"report-state-{os.getpid()}.pt")
+    torch.save(state, path)
+    assert torch.load(path, weights_only=True) == state
+    os.remove(path)
+
+
+def test_unique_path_never_overwrites(tmp_path):
+    target = tmp_path / "report.md"
+    assert unique_path(str(target)) == str(target)
+    target.write_text("x")
+    assert unique_path(str(target)) == str(tmp_path / "report-2.md")
+    (tmp_path / "report-2.md").write_text("y")
+    assert unique_path(str(target)) == str(tmp_path / "report-3.md")
+
+
+def test_step_generator_is_the_same_for_the_same_step():
+    a = torch.rand(5, generator=step_generator(7, 100))
+    b = torch.rand(5, generator=step_generator(7, 100))
+    c = torch.rand(5, generator=step_generator(7, 101))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
