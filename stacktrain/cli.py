@@ -88,14 +88,27 @@ class StackCLI(LightningCLI):
         print(f"stacktrain: run directory: {run_dir(trainer)}", flush=True)
 
 
+def _stack_error_in(error: BaseException) -> StackError | None:
+    """The `StackError` behind ``error``: jsonargparse re-raises errors from ``__init__`` as its own."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, StackError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> StackCLI:
     """Entry point of ``train.py`` and the ``stacktrain`` command."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # the user's own modules, as with `python -m`
     try:
         return StackCLI(args=args)
-    except StackError as error:
-        if os.environ.get("STACKTRAIN_TRACEBACK"):
+    except Exception as error:
+        stack_error = _stack_error_in(error)
+        if stack_error is None or os.environ.get("STACKTRAIN_TRACEBACK"):
             raise
-        print(f"stacktrain: error: {error}", file=sys.stderr)
+        print(f"stacktrain: error: {stack_error}", file=sys.stderr)
         raise SystemExit(2) from None

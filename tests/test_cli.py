@@ -1,0 +1,178 @@
+"""`python train.py ...`: the quickstart end to end, user modules by class path, errors, W&B."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import textwrap
+
+import pytest
+import torch
+
+from conftest import CONFIGS
+from ddp_harness import check, run_cli
+from stacktrain.cli import main
+
+QUICKSTART = str(CONFIGS / "quickstart.yaml")
+FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "2"]
+
+
+def run_dir_from(stdout: str) -> str:
+    match = re.search(r"stacktrain: run directory: (\S+)", stdout)
+    assert match, stdout[-3000:]
+    return match.group(1)
+
+
+def test_quickstart_fit_end_to_end(tmp_path):
+    result = check(run_cli(["fit", "--config", QUICKSTART, *FAST], workdir=tmp_path))
+    assert re.search(r"stacktrain: fit finished after 5 steps: val/acc=0\.\d{4}, val/loss=", result.stdout)
+    directory = tmp_path / run_dir_from(result.stdout)
+    assert directory.parent == tmp_path / "runs" / "stacktrain"
+    assert (directory / "config.yaml").read_text().count("vit_tiny_patch16_224") == 1
+    assert "## Training time" in (directory / "efficiency.md").read_text()
+    assert (directory / "efficiency.png").stat().st_size > 1000
+    checkpoints = glob.glob(str(directory / "checkpoints" / "*.ckpt"))
+    assert len(checkpoints) == 1
+    # W&B logged offline, into the run's own folder.
+    run_id = directory.name
+    offline = glob.glob(str(tmp_path / "runs" / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+    assert len(offline) == 1 and os.path.getsize(offline[0]) > 0
+
+
+def test_print_config_shows_the_resolved_defaults(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", QUICKSTART, "--print_config"])
+    assert info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: stacktrain.lightning_modules.ImageClassifier" in printed
+    assert "class_path: stacktrain.callbacks.EfficiencyReport" in printed
+    assert "max_lr: 0.003" in printed
+
+
+def test_default_data_is_the_embedded_digits(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "stacktrain.lightning_modules.ImageClassifier", "--print_config"])
+    assert "class_path: stacktrain.datamodules.DigitsDataModule" in capsys.readouterr().out
+
+
+USER_PROJECT = '''
+import os
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyModel(LightningModule):
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.layer = torch.nn.Linear(width, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TinyData(LightningDataModule):
+    def __init__(self, size: int = 16):
+        super().__init__()
+        self.size = size
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.randn(self.size, 4), torch.randint(0, 2, (self.size,))), batch_size=4)
+
+
+class CountSteps(Callback):
+    def __init__(self, path: str):
+        self.path = path
+        self.steps = 0
+
+    def on_train_batch_end(self, *args):
+        self.steps += 1
+
+    def on_fit_end(self, trainer, pl_module):
+        with open(self.path, "w") as handle:
+            handle.write(str(self.steps))
+'''
+
+
+def test_users_own_model_data_and_callback_from_a_config(tmp_path):
+    (tmp_path / "my_project.py").write_text(USER_PROJECT)
+    (tmp_path / "mine.yaml").write_text(textwrap.dedent(f"""
+        trainer:
+          max_steps: 3
+          logger: false
+          enable_checkpointing: false
+          callbacks:
+            - class_path: my_project.CountSteps
+              init_args:
+                path: {tmp_path / "steps.txt"}
+            - class_path: stacktrain.callbacks.EfficiencyReport
+              init_args:
+                dirpath: {tmp_path / "report"}
+        model:
+          class_path: my_project.TinyModel
+          init_args:
+            width: 4
+        data:
+          class_path: my_project.TinyData
+    """))
+    check(run_cli(["fit", "--config", "mine.yaml"], workdir=tmp_path))
+    assert (tmp_path / "steps.txt").read_text() == "3"
+    assert (tmp_path / "report" / "efficiency.md").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model.model_name", "resnet_18"], "model.init_args.model_name='resnet_18' is not a timm model; closest: resnet18"),
+        (["--data.batch_size", "-1"], "DigitsDataModule: data.init_args.batch_size=-1 is out of range"),
+        (["--data.image_size", "24"], "built for (16, 16) images but the data gives (24, 24)"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", QUICKSTART, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stacktrain: error: ") and message in err
+    assert "Fix:" in err and "Traceback" not in err
+
+
+def test_top_level_optimizer_options_work(tmp_path):
+    cli = main([
+        "fit", "--config", QUICKSTART, "--optimizer", "SGD", "--optimizer.lr", "0.05",
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+        "--trainer.enable_checkpointing", "false", "--trainer.default_root_dir", str(tmp_path),
+    ])
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.05
+    assert cli.trainer.global_step == 2
+
+
+def test_config_of_an_earlier_run_is_never_overwritten(tmp_path):
+    args = ["fit", "--config", QUICKSTART, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
+            "--trainer.logger.version", "fixed"]
+    main(args)
+    saved = tmp_path / "lightning_logs" / "fixed" / "config.yaml"
+    before = saved.read_text()
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    assert saved.read_text() == before
+
+
+def test_wandb_failing_to_start_falls_back_to_csv(tmp_path):
+    """Online mode with no account and no network: the run warns and goes on with a CSV logger."""
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    result = check(run_cli(["fit", "--config", QUICKSTART, *FAST], workdir=tmp_path, env=env))
+    assert "W&B could not start" in result.stderr
+    directory = tmp_path / run_dir_from(result.stdout)
+    assert directory == tmp_path / "runs" / "stacktrain" / "version_0"
+    metrics = (directory / "metrics.csv").read_text()
+    assert "val/acc" in metrics and "train/acc" in metrics
+    assert (directory / "efficiency.md").exists()
