@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import v2
 
 from stacktrain.errors import StackError, require_number
 
-__all__ = ["ImageDataModule", "TensorImageDataset", "image_transform"]
+__all__ = ["ImageDataModule", "TensorImageDataset", "EpochSampler", "SeededSamples", "image_transform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -84,22 +85,71 @@ class TensorImageDataset(Dataset):
         return image, self.labels[index]
 
 
+class EpochSampler(DistributedSampler):
+    """The training order as a function of (seed, epoch) only, split over DDP ranks (one rank when
+    not distributed). It yields ``(epoch, index)`` so that `SeededSamples` can seed each sample's
+    random augmentation. Being a ``DistributedSampler``, Lightning keeps it under DDP and calls its
+    ``set_epoch``."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
+
+
+class SeededSamples(Dataset):
+    """Wraps a map-style dataset so that the random transforms of sample ``index`` in ``epoch`` draw
+    from a generator seeded by (seed, epoch, index), not from the global one: augmentation is then
+    the same whatever the number of workers, ranks or prefetched batches, and a resumed run sees
+    exactly the samples the uninterrupted run saw."""
+
+    def __init__(self, dataset: Dataset, seed: int, random: bool) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.random = random
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Any) -> Any:
+        epoch, index = item if isinstance(item, tuple) else (0, item)
+        if not self.random:
+            return self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1))
+            return self.dataset[index]
+
+
 class ImageDataModule(LightningDataModule):
     """Base of the image-classification data modules: argument checks and data loaders.
 
     Subclasses fill ``self.train_set``, ``self.val_set``, ``self.test_set`` in ``setup`` and set
     ``num_classes``, ``class_names`` and ``image_shape``.
+
+    Training data is deterministic: its order depends on ``seed`` and the epoch only (`EpochSampler`,
+    split over DDP ranks), random augmentation on (seed, epoch, sample) only (`SeededSamples`), and
+    the loaders are torchdata ``StatefulDataLoader``s whose position Lightning saves in checkpoints,
+    so a run resumed mid-epoch sees exactly the batches the uninterrupted run would have seen.
+    Subclasses set ``random_transforms`` when their training transform is random.
     """
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False) -> None:
+    random_transforms: bool = False
+
+    def __init__(
+        self, batch_size: int = 64, num_workers: int = 0, channels: int = 3, seed: int = 0, pin_memory: bool = False
+    ) -> None:
         super().__init__()
         source = type(self).__name__
+        if channels not in (1, 3):
+            raise StackError("must be 1 or 3", source=source, key="data.init_args.channels", value=channels,
+                             fix="use channels: 3 (RGB) or 1 (grayscale)")
         require_number(batch_size, "data.init_args.batch_size", source=source, low=1, integer=True,
                        fix="use a positive batch size such as 64")
         require_number(num_workers, "data.init_args.num_workers", source=source, low=0, integer=True,
                        fix="use 0 (load in the main process) or a positive number of workers")
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.channels = channels
+        self.seed = seed
         self.pin_memory = pin_memory
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -108,29 +158,38 @@ class ImageDataModule(LightningDataModule):
         self.class_names: list[str] = []
         self.image_shape: tuple[int, int, int] | None = None
 
-    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, *, train: bool) -> StatefulDataLoader:
         if dataset is None:
             raise StackError(
                 "has no data for this stage", source=type(self).__name__, fix="call setup() first or check the split"
             )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+        common = dict(
+            batch_size=self.batch_size, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
         )
+        if not train:
+            return StatefulDataLoader(dataset, shuffle=False, **common)
+        trainer = self.trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        sampler = EpochSampler(
+            dataset, num_replicas=trainer.world_size if distributed else 1,
+            rank=trainer.global_rank if distributed else 0, shuffle=True, seed=self.seed,
+        )
+        return StatefulDataLoader(
+            SeededSamples(dataset, self.seed, self.random_transforms), sampler=sampler,
+            drop_last=len(sampler) >= self.batch_size,
+            # worker base seeds from here, not from the global generator (see ExactResume)
+            generator=torch.Generator().manual_seed(self.seed), **common,
+        )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val_set, train=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.test_set, train=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.test_set, train=False)

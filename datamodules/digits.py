@@ -61,7 +61,7 @@ class DigitsDataModule(ImageDataModule):
         num_workers: data-loader worker processes.
         val_fraction: fraction of the 1,797 images held out for validation.
         test_fraction: fraction held out for testing.
-        seed: seed of the split.
+        seed: seed of the split and of the training order.
         augment: random affine jitter (rotation, shift, scale) of training images.
     """
 
@@ -76,12 +76,9 @@ class DigitsDataModule(ImageDataModule):
         seed: int = 0,
         augment: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, channels=channels, seed=seed)
         source = type(self).__name__
         require_number(image_size, "data.init_args.image_size", source=source, low=4, high=512, integer=True)
-        if channels not in (1, 3):
-            raise StackError("must be 1 or 3", source=source, key="data.init_args.channels", value=channels,
-                             fix="use channels: 1 (grayscale) or 3 (RGB models)")
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             require_number(value, f"data.init_args.{key}", source=source, low=0.0, high=0.5)
         if val_fraction + test_fraction <= 0:
@@ -89,10 +86,9 @@ class DigitsDataModule(ImageDataModule):
                              key="data.init_args.val_fraction+test_fraction", value=val_fraction + test_fraction,
                              fix="hold out some images, e.g. val_fraction: 0.15")
         self.image_size = image_size
-        self.channels = channels
+        self.random_transforms = augment
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
-        self.seed = seed
         self.augment = augment
         self.num_classes = 10
         self.class_names = list(DIGIT_NAMES)

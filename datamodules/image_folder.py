@@ -75,14 +75,11 @@ class ImageFolderDataModule(ImageDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, channels=channels, seed=seed)
         source = type(self).__name__
         if dataset not in ("imagefolder", "cifar10", "cifar100"):
             raise StackError("is not a known dataset", source=source, key="data.init_args.dataset", value=dataset,
                              fix="use 'imagefolder', 'cifar10' or 'cifar100'")
-        if channels not in (1, 3):
-            raise StackError("must be 1 or 3", source=source, key="data.init_args.channels", value=channels,
-                             fix="use channels: 3 (or 1 for grayscale)")
         if image_size is not None:
             require_number(image_size, "data.init_args.image_size", source=source, low=4, high=4096, integer=True)
         require_number(val_fraction, "data.init_args.val_fraction", source=source, low=0.0, high=0.9)
@@ -90,9 +87,8 @@ class ImageFolderDataModule(ImageDataModule):
         self.dataset = dataset
         self.download = download
         self.image_size = image_size
-        self.channels = channels
+        self.random_transforms = augment
         self.val_fraction = val_fraction
-        self.seed = seed
         self.augment = augment
         default_mean, default_std = CIFAR_STATS.get(dataset, (IMAGENET_MEAN, IMAGENET_STD))
         self.mean = tuple(mean) if mean is not None else default_mean

@@ -222,11 +222,8 @@ class WebDatasetDataModule(ImageDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, channels=channels, seed=seed)
         source = type(self).__name__
-        if channels not in (1, 3):
-            raise StackError("must be 1 or 3", source=source, key="data.init_args.channels", value=channels,
-                             fix="use channels: 3 (or 1 for grayscale)")
         require_number(shuffle_buffer, "data.init_args.shuffle_buffer", source=source, low=0, integer=True)
         if epoch_length is not None:
             require_number(epoch_length, "data.init_args.epoch_length", source=source, low=1, integer=True)
@@ -235,9 +232,7 @@ class WebDatasetDataModule(ImageDataModule):
         self.test_urls = expand_shards(test_shards, key="data.init_args.test_shards") if test_shards else None
         self.image_key = image_key
         self.label_key = label_key
-        self.channels = channels
         self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
         self.augment = augment
         meta = self._metadata()
         self.metadata = meta

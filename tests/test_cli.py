@@ -38,6 +38,12 @@ def test_quickstart_fit_end_to_end(tmp_path):
     run_id = directory.name
     offline = glob.glob(str(tmp_path / "runs" / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
     assert len(offline) == 1 and os.path.getsize(offline[0]) > 0
+    records = open(offline[0], "rb").read()
+    for key in (b"val/acc", b"train/acc", b"efficiency/report", b"efficiency/plot", b"stacktrain_config"):
+        assert key in records, key
+    media = os.path.join(os.path.dirname(offline[0]), "files", "media")
+    assert glob.glob(os.path.join(media, "table", "efficiency", "report_*.table.json"))
+    assert glob.glob(os.path.join(media, "images", "efficiency", "plot_*.png"))
 
 
 def test_print_config_shows_the_resolved_defaults(capsys):

@@ -1,0 +1,70 @@
+"""`ExactResume`: the random-number-generator states in the checkpoint, so a resumed run draws the
+same random numbers (augmentations, dropout) as the run that was never stopped.
+
+Lightning saves the model, the optimizers, the loops and the data-loader position (stacktrain's data
+modules use torchdata's ``StatefulDataLoader``), but not the global RNG states of torch, numpy and
+Python. Techniques keep their own generators in their own state; this callback covers everything
+else that draws from the global generators.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+__all__ = ["ExactResume", "collect_rng_state", "restore_rng_state"]
+
+
+def collect_rng_state() -> dict[str, Any]:
+    """The global RNG states as tensors and lists only (loads with ``torch.load(weights_only=True)``)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [list(item) if isinstance(item, tuple) else item for item in random.getstate()],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ExactResume(Callback):
+    """Saves the global RNG states of this rank with every checkpoint and restores them on resume.
+
+    Under DDP every rank saves its own states (a checkpoint holds rank 0's file only, so the other
+    ranks restore rank 0's state offset by their rank: each rank draws differently, as before).
+    """
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": collect_rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = state_dict["rng"]
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Restore as late as possible, after set-up code that draws random numbers on resume only.
+        if self._loaded is None:
+            return
+        restore_rng_state(self._loaded)
+        if trainer.global_rank:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,))) + trainer.global_rank)
+        self._loaded = None

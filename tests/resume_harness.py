@@ -1,0 +1,85 @@
+"""Exact resume: N steps uninterrupted vs. stop at step k, checkpoint, resume to N.
+
+Every technique's tests use it::
+
+    runs = stop_and_resume(make_module, make_data, make_callbacks, total=20, stop_at=7, root=tmp_path)
+    assert_resumed_exactly(runs)
+
+The stopped run saves its checkpoint with ``ModelCheckpoint(every_n_train_steps=k)`` inside the
+training loop, as a pre-empted job would have it; the resumed run starts from a different global
+seed, so whatever matches comes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ddp_harness import assert_states_equal, technique_states
+
+
+@dataclass
+class ResumeRuns:
+    uninterrupted: tuple[LightningModule, Trainer]
+    resumed: tuple[LightningModule, Trainer]
+    checkpoint: str
+
+
+def _trainer(max_steps: int, callbacks: list[Callback], root: str, **kwargs: Any) -> Trainer:
+    options = dict(
+        accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+    )
+    options.update(kwargs)
+    return Trainer(callbacks=callbacks, **options)
+
+
+def stop_and_resume(
+    make_module: Callable[[], LightningModule],
+    make_data: Callable[[], LightningDataModule],
+    make_callbacks: Callable[[], list[Callback]],
+    *,
+    total: int,
+    stop_at: int,
+    root: str | os.PathLike,
+    **trainer_kwargs: Any,
+) -> ResumeRuns:
+    root = str(root)
+    seed_everything(0)
+    full_module = make_module()
+    full = _trainer(total, make_callbacks(), root, **trainer_kwargs)
+    full.fit(full_module, make_data())
+
+    seed_everything(0)
+    ckpt_dir = os.path.join(root, "stopped")
+    saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=stop_at, save_top_k=-1)
+    stopped = _trainer(stop_at, [*make_callbacks(), saver], root, **trainer_kwargs)
+    stopped.fit(make_module(), make_data())
+    checkpoints = glob.glob(os.path.join(ckpt_dir, f"*step={stop_at}*.ckpt"))
+    assert len(checkpoints) == 1, checkpoints
+
+    seed_everything(12345)  # anything that matches must come from the checkpoint
+    resumed_module = make_module()
+    resumed = _trainer(total, make_callbacks(), root, **trainer_kwargs)
+    resumed.fit(resumed_module, make_data(), ckpt_path=checkpoints[0])
+    return ResumeRuns((full_module, full), (resumed_module, resumed), checkpoints[0])
+
+
+def assert_resumed_exactly(runs: ResumeRuns) -> None:
+    (full_module, full), (resumed_module, resumed) = runs.uninterrupted, runs.resumed
+    assert full.global_step == resumed.global_step
+    assert_states_equal(full_module.state_dict(), resumed_module.state_dict(), "weights")
+    assert_states_equal(technique_states(full), technique_states(resumed), "technique state")
+
+
+def load_checkpoint_weights_only(path: str) -> dict[str, Any]:
+    """The checkpoint loads without unpickling arbitrary objects (``weights_only=True``)."""
+    return torch.load(path, weights_only=True, map_location="cpu")
