@@ -1,0 +1,32 @@
+"""The shared FLOP counter: exact numbers on layers whose cost is known by hand."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from stacktrain.functional.flops import flops_by_module, forward_flops, training_flops
+
+
+def test_linear_and_conv_flops_match_the_formulas():
+    linear = nn.Linear(16, 8)
+    assert forward_flops(linear, torch.randn(4, 16)) == 2 * 4 * 16 * 8
+    conv = nn.Conv2d(3, 5, kernel_size=3, padding=1)
+    assert forward_flops(conv, torch.randn(2, 3, 8, 8)) == 2 * 2 * 5 * 8 * 8 * 3 * 3 * 3
+
+
+def test_training_flops_are_forward_plus_backward():
+    linear = nn.Linear(16, 8)
+    x = torch.randn(4, 16, requires_grad=True)
+    total = training_flops(linear, lambda y: y.sum(), x)
+    # forward (x @ W) + backward: grad wrt input and grad wrt weight, each the same size as forward
+    assert total == 3 * 2 * 4 * 16 * 8
+    assert linear.weight.grad is None
+
+
+def test_flops_by_module_names_submodules():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    per_module = flops_by_module(model, torch.randn(3, 4))
+    assert per_module["Global"] == 2 * 3 * (4 * 6 + 6 * 2)
+    assert per_module["Sequential.0"] == 2 * 3 * 4 * 6 and per_module["Sequential.2"] == 2 * 3 * 6 * 2
+    assert model.training
