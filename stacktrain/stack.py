@@ -37,6 +37,7 @@ __all__ = [
     "CostLine",
     "arrange_stack",
     "techniques_of",
+    "report_cost",
     "run_dir",
     "unique_path",
     "step_generator",
@@ -88,9 +89,13 @@ class EfficiencySink(Callback):
         self.lines: dict[tuple[str, str], CostLine] = {}
 
     def record(
-        self, technique: str, quantity: str, *, baseline: float, actual: float, unit: str = "", count: int = 1
+        self, technique: str, quantity: str, *, baseline: float, actual: float, unit: str = "", count: int = 1,
+        replace: bool = False,
     ) -> None:
-        """Add ``count`` observations whose totals are ``baseline`` (without the technique) and ``actual``."""
+        """Add ``count`` observations whose totals are ``baseline`` (without the technique) and
+        ``actual``; with ``replace``, they supersede what was recorded before (a re-measured value)."""
+        if replace:
+            self.lines.pop((technique, quantity), None)
         line = self.lines.setdefault((technique, quantity), CostLine(technique, quantity, unit))
         line.baseline += float(baseline)
         line.actual += float(actual)
@@ -163,12 +168,12 @@ class Technique(Callback):
         pl_module.log(f"{self.name}/{key}", value, **kwargs)
 
     def report_cost(
-        self, trainer: Trainer, quantity: str, *, baseline: float, actual: float, unit: str = "", count: int = 1
+        self, trainer: Trainer, quantity: str, *, baseline: float, actual: float, unit: str = "", count: int = 1,
+        replace: bool = False,
     ) -> None:
         """Tell the run's `EfficiencySink` (if any) what this step cost against its baseline."""
-        for callback in trainer.callbacks:
-            if isinstance(callback, EfficiencySink):
-                callback.record(self.name, quantity, baseline=baseline, actual=actual, unit=unit, count=count)
+        report_cost(trainer, self.name, quantity, baseline=baseline, actual=actual, unit=unit, count=count,
+                    replace=replace)
 
     def refresh_optimizer_hooks(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Re-attach the after-step dispatch, for techniques that rebuild the optimizers mid-run."""
@@ -228,6 +233,18 @@ STACK_ORDER: dict[str, int] = {
     "grad_quant": 20,
     "prune_regrow": 30,
 }
+
+
+def report_cost(
+    trainer: Trainer, technique: str, quantity: str, *, baseline: float, actual: float, unit: str = "",
+    count: int = 1, replace: bool = False,
+) -> None:
+    """Record a cost against its baseline in every `EfficiencySink` of ``trainer``; for techniques in
+    module form (callbacks use `Technique.report_cost`)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EfficiencySink):
+            callback.record(technique, quantity, baseline=baseline, actual=actual, unit=unit, count=count,
+                            replace=replace)
 
 
 def techniques_of(trainer: Trainer) -> list[Technique]:

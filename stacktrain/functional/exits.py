@@ -1,0 +1,335 @@
+"""A timm backbone cut into segments that end at exit points, with a classifier head per exit, and
+early-exit inference that really stops computing for samples that have left.
+
+Supported backbones:
+
+* timm CNNs built by ``features_only=True`` as a sequential ``FeatureListNet`` (ResNet, ConvNeXt,
+  VGG, RegNet, ...) or ``EfficientNetFeatures`` (EfficientNet, MobileNetV2/V3): exit points are the
+  feature stages (``layer1``..``layer4``, ``stages.0``.., ``blocks.N``);
+* timm ``VisionTransformer``: exit points are the blocks ``blocks.0``..``blocks.{depth-1}``; the stem
+  is the ViT's own patch embedding, position embedding, ``patch_drop`` and ``norm_pre``, so token
+  dropout attached to the ViT (``patch_drop``) shortens the sequence that every later segment sees.
+
+No Lightning here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from stacktrain.errors import StackError
+from stacktrain.functional.boosting import ensemble_predictions, split_gradient
+from stacktrain.functional.flops import forward_flops
+
+__all__ = ["StagedBackbone", "ConvExitHead", "TokenExitHead", "EarlyExitNetwork"]
+
+
+class _ViTStem(nn.Module):
+    """The ViT up to its first block: patch embedding, position embedding, token dropout, pre-norm."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        tokens = vit._pos_embed(vit.patch_embed(images))
+        tokens = vit.patch_drop(tokens)
+        return vit.norm_pre(tokens)
+
+
+class StagedBackbone(nn.Module):
+    """The layers of a timm backbone grouped into ``segments`` that end at the chosen exit points.
+
+    Attributes:
+        kind: "cnn" or "vit".
+        exit_names: the exit points, one per segment.
+        exit_channels: feature channels (CNN) or embedding width (ViT) at each exit.
+        segments: ``nn.ModuleList``; segment ``s`` maps the previous segment's output (the image
+            for the first) to the features at exit ``s``.
+        vit: the timm ``VisionTransformer`` itself for ViT backbones (None for CNNs).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        exits: Sequence[str | int] | None = None,
+        *,
+        in_chans: int | None = None,
+        pretrained: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        source: str = "BoostedEarlyExit",
+        key_prefix: str = "model.init_args",
+    ) -> None:
+        super().__init__()
+        from timm.models import VisionTransformer
+
+        from stacktrain.models import create_timm_model
+
+        kwargs = dict(model_kwargs or {})
+        # Validates the name and the keywords (clear StackErrors) and tells ViTs from CNNs.
+        probe = create_timm_model(model_name, num_classes=0, in_chans=in_chans, model_kwargs=kwargs,
+                                  source=source, key_prefix=key_prefix)
+        self.vit: nn.Module | None = None
+        if isinstance(probe, VisionTransformer):
+            self.kind = "vit"
+            if pretrained:
+                probe = create_timm_model(model_name, num_classes=0, in_chans=in_chans, pretrained=pretrained,
+                                          model_kwargs=kwargs, source=source, key_prefix=key_prefix)
+            layers, points, channels = self._vit_layers(probe)
+        else:
+            self.kind = "cnn"
+            del probe
+            try:
+                features = timm.create_model(
+                    model_name, features_only=True, in_chans=in_chans or 3, pretrained=bool(pretrained),
+                    **({"pretrained_cfg_overlay": dict(file=pretrained)} if pretrained else {}), **kwargs,
+                )
+            except Exception as error:  # timm raises RuntimeError/ValueError/AttributeError here
+                raise StackError(
+                    f"has no stages that exits can be attached to ({type(error).__name__}: {error})",
+                    source=source, key=f"{key_prefix}.backbone", value=model_name,
+                    fix="use a staged timm CNN (resnet18, convnext_atto, vgg11, regnet, efficientnet_b0, "
+                        "mobilenetv2_100) or a timm VisionTransformer",
+                ) from error
+            layers, points, channels = self._cnn_layers(features, model_name, source, key_prefix)
+        self.available_exits = points
+        chosen = self._choose_exits(exits, points, model_name, source, key_prefix)
+        self.exit_names = [points[i] for i in chosen]
+        self.exit_channels = [channels[i] for i in chosen]
+        self.segments = nn.ModuleList()
+        current: list[tuple[str, nn.Module]] = []
+        wanted = set(self.exit_names)
+        for name, layer in layers:
+            current.append((name, layer))
+            if name in wanted:
+                self.segments.append(nn.Sequential(*[m for _, m in current]))
+                current = []
+                if len(self.segments) == len(self.exit_names):
+                    break
+        if len(self.segments) != len(self.exit_names):
+            raise StackError(
+                f"could not be cut at {self.exit_names} (layers: {[n for n, _ in layers]})",
+                source=source, key=f"{key_prefix}.exits", value=list(exits) if exits is not None else None,
+                fix="choose exit points among the listed layers",
+            )
+
+    # --------------------------------------------------------------------------------- discovery
+    def _vit_layers(self, vit: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[str], list[int]]:
+        self.vit = vit
+        # Keep only what the staged forward uses; the final norm and head belong to the exit heads.
+        vit.norm = nn.Identity()
+        vit.fc_norm = nn.Identity()
+        vit.head = nn.Identity()
+        layers: list[tuple[str, nn.Module]] = [("stem", _ViTStem(vit))]
+        names = [f"blocks.{i}" for i in range(len(vit.blocks))]
+        layers += list(zip(names, vit.blocks))
+        return layers, names, [vit.embed_dim] * len(names)
+
+    @staticmethod
+    def _cnn_layers(features: nn.Module, model_name: str, source: str, key_prefix: str):
+        info = getattr(features, "feature_info", None)
+        if info is None:
+            raise StackError("has no feature stages", source=source, key=f"{key_prefix}.backbone", value=model_name,
+                             fix="use a staged timm CNN or a timm VisionTransformer")
+        points = [entry["module"] for entry in info.info]
+        channels = [entry["num_chs"] for entry in info.info]
+        kind = type(features).__name__
+        if kind == "FeatureListNet":
+            # return_layers maps the flattened layer name to the index of its feature point
+            flattened_to_point = {name: points[int(index)] for name, index in features.return_layers.items()}
+            layers = [(flattened_to_point.get(name, name), module) for name, module in features.items()]
+        elif kind == "EfficientNetFeatures":
+            layers = [("conv_stem", features.conv_stem), ("bn1", features.bn1)]
+            layers += [(f"blocks.{i}", block) for i, block in enumerate(features.blocks)]
+        else:
+            raise StackError(
+                f"builds its features as {kind}, which cannot be cut into sequential stages",
+                source=source, key=f"{key_prefix}.backbone", value=model_name,
+                fix="use a staged timm CNN (resnet, convnext, vgg, regnet, efficientnet, mobilenet) or a ViT",
+            )
+        return layers, points, channels
+
+    @staticmethod
+    def _choose_exits(exits, points: list[str], model_name: str, source: str, key_prefix: str) -> list[int]:
+        if len(points) == 0:
+            raise StackError("has no stages", source=source, key=f"{key_prefix}.backbone", value=model_name,
+                             fix="use a backbone with feature stages")
+        if exits is None:
+            count = min(4, len(points))
+            if points[0].startswith("blocks.") and all(p.startswith("blocks.") for p in points):
+                # ViT (and other uniform block stacks): four exits evenly spaced, the last at the end
+                return sorted({-(-len(points) * (i + 1) // count) - 1 for i in range(count)})
+            return list(range(len(points) - count, len(points)))  # CNN: the last stages
+        chosen: list[int] = []
+        for exit_point in exits:
+            if isinstance(exit_point, bool) or not isinstance(exit_point, (int, str)):
+                raise StackError("must be stage names or indices", source=source, key=f"{key_prefix}.exits",
+                                 value=list(exits), fix=f"use names from {points} or indices 0..{len(points) - 1}")
+            if isinstance(exit_point, int):
+                if not -len(points) <= exit_point < len(points):
+                    raise StackError(
+                        f"holds index {exit_point}, outside the backbone's {len(points)} exit points",
+                        source=source, key=f"{key_prefix}.exits", value=list(exits),
+                        fix=f"use indices 0..{len(points) - 1} (points: {', '.join(points)})",
+                    )
+                chosen.append(exit_point % len(points))
+            else:
+                if exit_point not in points:
+                    close = difflib.get_close_matches(exit_point, points, n=3)
+                    raise StackError(
+                        f"names {exit_point!r}, not an exit point of {model_name}"
+                        + (f" (closest: {', '.join(close)})" if close else ""),
+                        source=source, key=f"{key_prefix}.exits", value=list(exits),
+                        fix=f"use names from: {', '.join(points)}",
+                    )
+                chosen.append(points.index(exit_point))
+        if len(chosen) == 0 or chosen != sorted(set(chosen)):
+            raise StackError("must be non-empty, without repeats, in the order of the backbone",
+                             source=source, key=f"{key_prefix}.exits", value=list(exits),
+                             fix=f"list exit points front to back, e.g. {points[-min(3, len(points)):]}")
+        return chosen
+
+
+class ConvExitHead(nn.Module):
+    """Classifier on a feature map: optional stride-2 conv-BN-ReLU of ``hidden`` channels, global
+    average pooling, linear. Intermediate exits get the conv (MSDNet's CIFAR heads have two stride-2
+    convs; one keeps an early head cheap next to its stage); the last exit does not."""
+
+    def __init__(self, channels: int, num_classes: int, hidden: int | None = None) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        if hidden:
+            layers += [nn.Conv2d(channels, hidden, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(hidden),
+                       nn.ReLU(inplace=True)]
+            channels = hidden
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(channels, num_classes)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+class TokenExitHead(nn.Module):
+    """Classifier on ViT tokens: LayerNorm, the class token (or the mean of the patch tokens when the
+    ViT has no prefix token), linear."""
+
+    def __init__(self, width: int, num_classes: int, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.linear = nn.Linear(width, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = self.norm(tokens)
+        pooled = tokens[:, 0] if self.num_prefix_tokens else tokens.mean(dim=1)
+        return self.linear(pooled)
+
+
+class EarlyExitNetwork(nn.Module):
+    """A `StagedBackbone` with one head per exit.
+
+    ``forward(images)`` returns the raw logits of every head (with per-exit gradient rescaling in
+    training when ``rescale_gradients``); `early_exit` runs the budgeted inference loop.
+    """
+
+    def __init__(self, backbone: StagedBackbone, num_classes: int, head_hidden: int | None = 128,
+                 rescale_gradients: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_exits = len(backbone.segments)
+        self.rescale_gradients = rescale_gradients
+        heads = []
+        for index, channels in enumerate(backbone.exit_channels):
+            if backbone.kind == "vit":
+                heads.append(TokenExitHead(channels, num_classes, backbone.vit.num_prefix_tokens))
+            else:
+                last = index == self.num_exits - 1
+                heads.append(ConvExitHead(channels, num_classes, None if last else head_hidden))
+        self.heads = nn.ModuleList(heads)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        logits = []
+        features = images
+        for index, (segment, head) in enumerate(zip(self.backbone.segments, self.heads)):
+            features = segment(features)
+            if self.training and self.rescale_gradients and torch.is_grad_enabled():
+                for_head, features = split_gradient(features, index, self.num_exits)
+            else:
+                for_head = features
+            logits.append(head(for_head))
+        return logits
+
+    def exit_costs(self, image_shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(segment_flops, head_flops)`` per exit for one image, measured with the flop counter.
+        A sample leaving at exit ``k`` costs ``sum(segment[:k+1]) + sum(head[:k+1])``."""
+        segment_flops, head_flops = [], []
+        was_training = self.training
+        self.eval()
+        features = torch.zeros(1, *image_shape)
+        with torch.no_grad():
+            for segment, head in zip(self.backbone.segments, self.heads):
+                segment_flops.append(forward_flops(segment, features))
+                features = segment(features)
+                head_flops.append(forward_flops(head, features))
+        self.train(was_training)
+        return torch.tensor(segment_flops, dtype=torch.float64), torch.tensor(head_flops, dtype=torch.float64)
+
+    @torch.no_grad()
+    def early_exit(
+        self, images: torch.Tensor, thresholds: torch.Tensor, mode: str = "boost", weights: Sequence[float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Budgeted inference that skips the work of samples that have left.
+
+        After each exit, samples whose confidence reaches ``thresholds[k]`` leave with that exit's
+        prediction; only the others go on through the next segment. Returns ``(predictions,
+        exit index, confidence)`` per sample.
+        """
+        batch = images.shape[0]
+        device = images.device
+        predictions = torch.empty(batch, dtype=torch.long, device=device)
+        exits = torch.full((batch,), self.num_exits - 1, dtype=torch.long, device=device)
+        confidence_out = torch.empty(batch, device=device)
+        active = torch.arange(batch, device=device)
+        features = images
+        previous: torch.Tensor | None = None
+        weights = weights or [1.0] * self.num_exits
+        for index, (segment, head) in enumerate(zip(self.backbone.segments, self.heads)):
+            features = segment(features)
+            logits = head(features)
+            if mode == "boost":
+                current = logits if previous is None else logits + previous
+                current = current * weights[index] if weights[index] != 1.0 else current
+            else:
+                current = logits
+            confidence, predicted = current.float().softmax(dim=-1).max(dim=-1)
+            leaving = confidence >= thresholds[index] if index < self.num_exits - 1 else torch.ones_like(confidence, dtype=torch.bool)
+            if leaving.any():
+                leavers = active[leaving]
+                predictions[leavers] = predicted[leaving]
+                exits[leavers] = index
+                confidence_out[leavers] = confidence[leaving]
+            staying = ~leaving
+            if not staying.any():
+                break
+            active, features, previous = active[staying], features[staying], current[staying]
+        return predictions, exits, confidence_out
+
+    @torch.no_grad()
+    def full_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The plain network: every segment and the last head only (the baseline of budgeted
+        inference)."""
+        features = images
+        for segment in self.backbone.segments:
+            features = segment(features)
+        return self.heads[-1](features)
+
+    def predictions(self, images: torch.Tensor, mode: str = "boost", weights: Sequence[float] | None = None) -> list[torch.Tensor]:
+        """Every exit's prediction for all samples (the anytime view)."""
+        return ensemble_predictions(self(images), mode, weights)
