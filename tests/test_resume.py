@@ -44,3 +44,24 @@ def test_without_exact_resume_dropout_drifts(tmp_path, tiny_vit_kwargs):
     )
     full, resumed = runs.uninterrupted[0], runs.resumed[0]
     assert not all(torch.equal(a, b) for a, b in zip(full.parameters(), resumed.parameters()))
+
+
+def test_every_validation_starts_from_the_first_batch_after_resume(tmp_path, tiny_vit_kwargs):
+    """A validation cut short by limit_val_batches must not resume mid-way after a restart."""
+    seen: list[list[int]] = []
+
+    class Recording(ImageClassifier):
+        def on_validation_epoch_start(self):
+            seen.append([])
+
+        def validation_step(self, batch, batch_idx):
+            seen[-1].append(int(batch[1][:8].sum()))
+            return super().validation_step(batch, batch_idx)
+
+    stop_and_resume(
+        lambda: Recording("vit_tiny_patch16_224", in_chans=1, model_kwargs=tiny_vit_kwargs),
+        lambda: DigitsDataModule(batch_size=64), list,
+        total=12, stop_at=7, root=tmp_path, limit_train_batches=5, limit_val_batches=2,
+    )
+    # full run validates at 5 and 10, the stopped run at 5, the resumed run at 10: same batches each time
+    assert len(seen) == 4 and all(s == seen[0] for s in seen)
