@@ -7,6 +7,7 @@ Batches are ``(images, labels)``: ``images`` a float32 tensor ``[B, C, H, W]``, 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,11 +90,32 @@ class EpochSampler(DistributedSampler):
     """The training order as a function of (seed, epoch) only, split over DDP ranks (one rank when
     not distributed). It yields ``(epoch, index)`` so that `SeededSamples` can seed each sample's
     random augmentation. Being a ``DistributedSampler``, Lightning keeps it under DDP and calls its
-    ``set_epoch``."""
+    ``set_epoch``.
+
+    Its state (the epoch and how far it got) travels with the ``StatefulDataLoader``'s: on resume
+    Lightning rebuilds the loader's iterator *before* calling ``set_epoch``, so a sampler that did
+    not carry its epoch would replay epoch 0's order in a later epoch.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.yielded = 0
+        self._resume_at = 0
 
     def __iter__(self):
+        start, self._resume_at = self._resume_at, 0
+        self.yielded = start
         epoch = self.epoch
-        return ((epoch, index) for index in super().__iter__())
+        for index in itertools.islice(super().__iter__(), start, None):
+            self.yielded += 1
+            yield (epoch, index)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "yielded": int(self.yielded)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.epoch = int(state_dict["epoch"])
+        self._resume_at = int(state_dict["yielded"])
 
 
 class SeededSamples(Dataset):

@@ -27,6 +27,16 @@ def test_resume_mid_epoch_with_augmentation_and_dropout_is_exact(tmp_path, tiny_
     assert "ExactResume" in state["callbacks"] and "EfficiencyReport" in "".join(state["callbacks"])
 
 
+def test_resume_in_a_later_shortened_epoch_is_exact(tmp_path, tiny_vit_kwargs):
+    """Epochs cut to 5 batches, stop at step 7 (inside epoch 1): the resumed run must continue epoch
+    1's order, not replay epoch 0's (Lightning rebuilds the iterator before set_epoch)."""
+    runs = stop_and_resume(
+        make_module(tiny_vit_kwargs), lambda: DigitsDataModule(batch_size=64), list,
+        total=12, stop_at=7, root=tmp_path, limit_train_batches=5,
+    )
+    assert_resumed_exactly(runs)
+
+
 def test_augmentation_alone_resumes_exactly_without_rng_state(tmp_path, tiny_vit_kwargs):
     """Data-side randomness depends on (seed, epoch, sample) only: no RNG state is needed."""
     runs = stop_and_resume(
