@@ -84,10 +84,15 @@ def table(rows: dict[str, dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_json(name: str, payload: dict[str, Any], out: str | None = None) -> Path:
+def write_json(name: str, payload: dict[str, Any], out: str | None = None, markdown: str | None = None) -> Path:
+    """Write ``payload`` with the machine it ran on; ``markdown`` is the human report (tables and
+    verdicts) that ``run_all.py`` copies into RESULTS.md."""
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2))
+    record = {"benchmark": name, "machine": machine(), **payload}
+    if markdown:
+        record["markdown"] = markdown
+    path.write_text(json.dumps(record, indent=2))
     return path
 
 

@@ -124,10 +124,18 @@ def main(argv=None) -> dict:
     for name, row in timings.items():
         row["in_hooks_pct"] = 100 * max(shares[name])
         row["step_ms"] = 1000 * row["wall_s"] / steps
-    print(f"training loops of {steps} steps, median of {repeats} runs (variants taking turns)")
-    print(table(timings, ["step_ms", "in_hooks_pct", "wall_ratio", "cpu_ratio"]))
-    print("in_hooks_pct: share of the loop spent inside stacktrain's hooks (worst run); the contract bound is 2%")
-    path = write_json("stack_overhead", {"steps": steps, "repeats": repeats, "results": timings}, args.out)
+    worst = max(timings["noop_technique"]["in_hooks_pct"], timings["report"]["in_hooks_pct"])
+    report = "\n".join([
+        f"Training loops of {steps} steps of the quickstart ViT, median of {repeats} runs (variants taking turns).",
+        "",
+        table(timings, ["step_ms", "in_hooks_pct", "wall_ratio", "cpu_ratio"]),
+        "",
+        f"Time inside stacktrain's hooks: at most {worst:.3f}% of the training loop (contract bound: 2%)"
+        f" -> {'holds' if worst < 2 else 'DOES NOT HOLD'}. The whole-loop ratios carry the machine's noise.",
+    ])
+    print(report)
+    path = write_json("stack_overhead", {"steps": steps, "repeats": repeats, "results": timings}, args.out,
+                      markdown=report)
     print(f"written {path}")
     return timings
 

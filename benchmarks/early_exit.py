@@ -1,0 +1,164 @@
+"""BoostNet vs independent exit heads, in one process, on the digits (CIFAR-100 with --cifar100 PATH).
+
+For every seed, both training modes train the same backbone for the same epochs; then:
+  * anytime accuracy of every exit on the test set,
+  * budgeted-batch accuracy against the mean FLOPs per sample actually spent, for every budget
+    (exit policies fitted on validation data, applied to the test set),
+  * the wall time of real early-exit inference at a 50% FLOPs budget against the full network
+    (every stage and the last head), whole passes over the test set, alternating, median of repeats.
+
+    python benchmarks/early_exit.py [--backbone resnet18] [--seeds 0 1 2] [--epochs 8] [--small]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import parser, table, write_json  # noqa: E402
+from stacktrain.datamodules import DigitsDataModule, ImageFolderDataModule  # noqa: E402
+from stacktrain.lightning_modules import BoostedEarlyExit  # noqa: E402
+
+BUDGETS = (0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
+
+
+def make_data(args):
+    if args.cifar100:
+        return ImageFolderDataModule(args.cifar100, dataset="cifar100", batch_size=64, num_workers=2)
+    return DigitsDataModule(image_size=args.image_size, channels=1, batch_size=64)
+
+
+def train(args, mode: str, seed: int):
+    seed_everything(seed)
+    in_chans = 3 if args.cifar100 else 1
+    module = BoostedEarlyExit(
+        args.backbone, in_chans=in_chans, num_classes=100 if args.cifar100 else 10, training=mode,
+        budgets=BUDGETS, predict_budget=0.5,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=2e-3, total_steps=args.steps, pct_start=0.15),
+    )
+    data = make_data(args)
+    trainer = Trainer(
+        accelerator="cpu", max_epochs=args.epochs, max_steps=args.steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.root,
+        limit_train_batches=args.limit_batches,
+    )
+    trainer.fit(module, data)
+    results = trainer.test(module, data, verbose=False)[0]
+    return module, data, results
+
+
+def time_inference(module: BoostedEarlyExit, data, repeats: int) -> dict:
+    """Whole passes over the test set in batches of 256: full network vs real early exit at 50%."""
+    data.setup("test")
+    loader = torch.utils.data.DataLoader(data.test_set, batch_size=256)
+    batches = [images for images, _ in loader]
+    module.eval()
+    thresholds = module.policy(0.5)
+    exits_seen = []
+
+    def full():
+        for images in batches:
+            module.network.full_forward(images)
+
+    def early():
+        for images in batches:
+            _, exits, _ = module.network.early_exit(images, thresholds, module.mode, module.weights)
+            exits_seen.append(exits)
+
+    with torch.no_grad():
+        full(), early()  # warm-up
+        times = {"full": [], "early_exit": []}
+        cpu = {"full": [], "early_exit": []}
+        for _ in range(repeats):
+            for name, run in (("full", full), ("early_exit", early)):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                run()
+                times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    exits = torch.cat(exits_seen[-len(batches):])
+    flops_ratio = float(module.exit_costs[exits].mean()) / module.full_flops
+    full_s, early_s = statistics.median(times["full"]), statistics.median(times["early_exit"])
+    return {
+        "full_ms": 1000 * full_s, "early_exit_ms": 1000 * early_s, "wall_ratio": early_s / full_s,
+        "cpu_ratio": statistics.median(cpu["early_exit"]) / statistics.median(cpu["full"]),
+        "flops_ratio": flops_ratio, "exit_shares": torch.bincount(exits, minlength=module.num_exits).tolist(),
+    }
+
+
+def main(argv=None) -> dict:
+    arguments = parser(__doc__.split("\n\n")[0])
+    arguments.add_argument("--backbone", default="resnet18")
+    arguments.add_argument("--image-size", type=int, default=32)
+    arguments.add_argument("--epochs", type=int, default=8)
+    arguments.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    arguments.add_argument("--repeats", type=int, default=15)
+    arguments.add_argument("--cifar100", default=None, help="folder holding cifar-100-python/ (optional)")
+    arguments.add_argument("--root", default="runs/bench_early_exit")
+    args = arguments.parse_args(argv)
+    args.steps, args.limit_batches = -1, 1.0
+    if args.small:
+        args.backbone, args.seeds, args.epochs, args.repeats = "resnet10t", [0], 1, 2
+        args.steps, args.limit_batches = 6, 6
+    per_seed: dict[str, list[dict]] = {"boost": [], "independent": []}
+    timing = None
+    for seed in args.seeds:
+        for mode in ("boost", "independent"):
+            module, data, results = train(args, mode, seed)
+            per_seed[mode].append(results)
+            if mode == "boost" and timing is None:
+                timing = time_inference(module, data, args.repeats)
+            print(f"seed {seed} {mode}: last exit {results['test/acc']:.4f}", flush=True)
+    num_exits = module.num_exits
+
+    def mean(mode: str, key: str) -> float:
+        return statistics.mean(r[key] for r in per_seed[mode])
+
+    anytime = {
+        mode: {f"exit{i}": mean(mode, f"test/acc_exit{i}") for i in range(num_exits)} for mode in per_seed
+    }
+    curve = {
+        mode: {
+            f"budget {round(b * 100)}%": {"acc": mean(mode, f"test/acc_budget_{round(b * 100)}"),
+                                          "flops": mean(mode, f"test/flops_budget_{round(b * 100)}")}
+            for b in BUDGETS
+        }
+        for mode in per_seed
+    }
+    rows = {mode: {k: f"{v['acc']:.4f} ({v['flops']:.2f})" for k, v in curve[mode].items()} for mode in curve}
+    deltas = {
+        "last_exit": anytime["boost"][f"exit{num_exits - 1}"] - anytime["independent"][f"exit{num_exits - 1}"],
+        "mean_over_budgets": statistics.mean(curve["boost"][k]["acc"] - curve["independent"][k]["acc"] for k in curve["boost"]),
+        "min_over_budgets": min(curve["boost"][k]["acc"] - curve["independent"][k]["acc"] for k in curve["boost"]),
+    }
+    report = "\n".join([
+        f"{args.backbone} on {'CIFAR-100' if args.cifar100 else f'the digits ({args.image_size} px)'}, "
+        f"{args.epochs} epochs, seeds {args.seeds}; test set, means over seeds.",
+        "", "Anytime accuracy per exit:", "", table(anytime, list(anytime["boost"])),
+        "", "Budgeted accuracy (mean FLOPs per sample / full network in brackets; policies fitted on validation):",
+        "", table(rows, list(rows["boost"])),
+        "", f"Boost - independent: last exit {deltas['last_exit']:+.4f}; over the budgets mean "
+        f"{deltas['mean_over_budgets']:+.4f}, worst {deltas['min_over_budgets']:+.4f}.",
+        "", "Real early-exit inference at a 50% FLOPs budget against the full network (test set, batches of 256, "
+        f"median of {args.repeats} alternating passes):",
+        "", table({"early exit": timing}, ["flops_ratio", "wall_ratio", "cpu_ratio", "full_ms", "early_exit_ms"]),
+    ])
+    print(report)
+    payload = {"backbone": args.backbone, "seeds": args.seeds, "epochs": args.epochs, "anytime": anytime,
+               "budgeted": curve, "boost_minus_independent": deltas, "inference_at_50pct": timing,
+               "per_seed": per_seed}
+    path = write_json("early_exit", payload, args.out, markdown=report)
+    print(f"written {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
