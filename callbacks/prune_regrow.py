@@ -278,7 +278,16 @@ class PruneRegrow(Technique):
             self.plan.apply_masks(pl_module, self.masks)
 
     def _decide(self, pl_module: LightningModule, step: int, delta: float) -> list[torch.Tensor]:
-        """New masks (rank 0): allocation by |gamma|, CSS inside each group, regrow by residual."""
+        """New masks: allocation by |gamma|, CSS inside each group, regrow by residual. The small
+        float64 eigen-problems run on one thread: LAPACK's threads only spin on them."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._decide_masks(pl_module, step, delta)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _decide_masks(self, pl_module: LightningModule, step: int, delta: float) -> list[torch.Tensor]:
         plan = self.plan
         cost, limit = self._cost()
         old = self.masks

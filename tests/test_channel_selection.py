@@ -10,6 +10,7 @@ import math
 import pytest
 import timm
 import torch
+import torchvision
 from torch import nn
 
 from conftest import TINY_VIT
@@ -201,11 +202,34 @@ def test_output_channels_and_unsupported_layers_are_not_prunable():
     assert [g.name for g in find_channel_groups(head, torch.zeros(1, 1, 8, 8), ignore=["0"])] == []
 
 
-@pytest.mark.parametrize("name", ["coupled", "test_resnet", "mobilenetv2_050", "regnetx_002"])
+def small_vgg() -> nn.Module:
+    """torchvision's VGG (features from its own `make_layers`, BN) with a small classifier."""
+    from torchvision.models.vgg import VGG, make_layers
+
+    model = VGG(make_layers([16, "M", 32, "M", 32, 32, "M"], batch_norm=True), num_classes=10)
+    model.avgpool = nn.AdaptiveAvgPool2d(2)
+    model.classifier = nn.Sequential(nn.Linear(32 * 4, 24), nn.ReLU(), nn.Linear(24, 10))
+    return model
+
+
+NETWORKS = {
+    "coupled": (CoupledNet, (3, 8, 8)),
+    "timm_test_resnet": (lambda: timm.create_model("test_resnet", in_chans=1, num_classes=10), (1, 16, 16)),
+    "timm_mobilenetv2_050": (lambda: timm.create_model("mobilenetv2_050", in_chans=1, num_classes=10), (1, 16, 16)),
+    "timm_regnetx_002": (lambda: timm.create_model("regnetx_002", in_chans=1, num_classes=10), (1, 16, 16)),
+    "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 16, 16)),
+    "tv_mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35), (3, 16, 16)),
+    "tv_regnet_y_400mf": (lambda: torchvision.models.regnet_y_400mf(num_classes=10), (3, 16, 16)),
+    "tv_vgg": (small_vgg, (3, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(NETWORKS))
 def test_masked_network_equals_compact_network_and_flops_match_the_counter(name):
     torch.manual_seed(0)
-    model = CoupledNet() if name == "coupled" else timm.create_model(name, in_chans=1, num_classes=10)
-    x = torch.randn(2, 3, 8, 8) if name == "coupled" else torch.randn(2, 1, 16, 16)
+    build, shape = NETWORKS[name]
+    model = build()
+    x = torch.randn(2, *shape)
     plan = ChannelPlan.build(model, x[:1])
     masks = random_masks(plan)
     plan.transition(model, None, masks, {})

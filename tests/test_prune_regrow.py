@@ -12,7 +12,8 @@ from functools import partial
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+import torchvision
+from lightning.pytorch import LightningModule, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import REPO, TINY_VIT
@@ -116,6 +117,38 @@ def test_compaction_shrinks_the_network_and_training_goes_on(tmp_path):
         assert optimizer.state[param]["exp_avg"].shape == param.shape
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 14  # the schedule went on
     assert explorer.layer_sizes and all(k.startswith("model.") for k in explorer.layer_sizes)
+
+
+class PlainModule(LightningModule):
+    """Not an ImageClassifier: a torchvision network inside the smallest LightningModule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return torch.nn.functional.cross_entropy(self(images), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_any_lightning_module_with_a_torchvision_network(tmp_path):
+    explorer = PruneRegrow(channel_sparsity=0.5, update_every=2, update_unit="step", explore_until=0.5,
+                           compact_after_explore=True)
+    seed_everything(0)
+    module = PlainModule()
+    trainer = Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[explorer],
+                      default_root_dir=str(tmp_path))
+    trainer.fit(module, DigitsDataModule(image_size=16, channels=3, batch_size=32))
+    assert explorer.network == "net" and explorer.compacted and trainer.global_step == 8
+    assert explorer.history[-1]["channel_sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert forward_flops(module, torch.zeros(1, 3, 16, 16)) == explorer.compact_flops < explorer.dense_flops
 
 
 def test_no_op_budget_changes_nothing(tmp_path):
@@ -230,3 +263,16 @@ def test_export_loads_without_stacktrain_and_gives_the_masked_logits(tmp_path):
     errors = json.loads(check.stdout.strip().splitlines()[-1])
     assert errors["program"] < 1e-4 and errors["state_dict"] < 1e-4
     assert errors["params"] < sum(p.numel() for p in module.model.parameters())
+
+
+def test_benchmark_runs_in_small_mode(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from benchmarks import prune_regrow
+
+    results = prune_regrow.main(["--small", "--out", str(tmp_path / "bench.json")])
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert payload["benchmark"] == "prune_regrow" and set(payload["results"]) == set(results)
+    for ratio in (0.5, 0.25):
+        assert abs(results[f"chex@{ratio}"]["flops_ratio"] - ratio) <= 0.05 * ratio
+        assert results[f"chex@{ratio}_masked"]["flops_ratio"] == 1.0  # masks only: the dense network
+        assert results[f"chex@{ratio}"]["infer_ms"] > 0
