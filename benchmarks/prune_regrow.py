@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments.add_argument("--limit-batches", type=int, default=0, help="batches per epoch (0: all)")
     args = arguments.parse_args(argv)
     if args.small:
-        args.model, args.epochs, args.seeds, args.limit_batches = "test_resnet", 2, 1, 3
+        args.model, args.epochs, args.seeds, args.limit_batches = "test_resnet", 2, 1, 2
         args.infer_repeats, args.infer_batch = 3, 32
     args.scratch = tempfile.mkdtemp(prefix="stacktrain-prune-")
     variants: dict[str, dict[str, Any] | None] = {"dense": None}

@@ -117,6 +117,16 @@ def test_compaction_shrinks_the_network_and_training_goes_on(tmp_path):
         assert optimizer.state[param]["exp_avg"].shape == param.shape
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 14  # the schedule went on
     assert explorer.layer_sizes and all(k.startswith("model.") for k in explorer.layer_sizes)
+    # a checkpoint taken after compaction exports too (the dense model is rebuilt, then shrunk)
+    from stacktrain import export_compact
+
+    trainer.save_checkpoint(tmp_path / "compact.ckpt")
+    result = export_compact(tmp_path / "compact.ckpt", tmp_path / "export")
+    assert result["compact_flops"] == measured
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        exported = torch.export.load(result["program"]).module()(x)
+        assert torch.allclose(exported, module.eval()(x), atol=1e-5)
 
 
 class PlainModule(LightningModule):
