@@ -4,6 +4,7 @@ program and as a state dict plus channel config that load without stacktrain."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -47,6 +48,10 @@ def _rebuild_module(state: dict[str, Any], checkpoint: dict[str, Any]) -> nn.Mod
         cls: Any = importlib.import_module(module_path)
         for part in qualname.split("."):
             cls = getattr(cls, part)
+        parameters = inspect.signature(cls).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            # LightningCLI adds private entries (_class_path, _instantiator) to the saved hyper-parameters
+            hparams = {k: v for k, v in hparams.items() if k in parameters}
         return cls(**hparams)
     except Exception as error:
         raise StackError(

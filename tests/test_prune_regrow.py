@@ -286,3 +286,15 @@ def test_benchmark_runs_in_small_mode(tmp_path):
         assert abs(results[f"chex@{ratio}"]["flops_ratio"] - ratio) <= 0.05 * ratio
         assert results[f"chex@{ratio}_masked"]["flops_ratio"] == 1.0  # masks only: the dense network
         assert results[f"chex@{ratio}"]["infer_ms"] > 0
+
+
+def test_export_rebuilds_a_module_saved_through_the_cli():
+    """LightningCLI stores private entries with the hyper-parameters; a weights file named in
+    ``pretrained`` is not needed (the weights come from the checkpoint)."""
+    from stacktrain.export import _rebuild_module
+
+    hparams = {"_class_path": "stacktrain.lightning_modules.ImageClassifier", "_instantiator": "x",
+               "model_name": MODEL, "in_chans": 1, "num_classes": 10, "pretrained": "/no/such/file.pth"}
+    module = _rebuild_module({"module_class": "stacktrain.lightning_modules.classifier.ImageClassifier"},
+                             {"hyper_parameters": hparams})
+    assert isinstance(module, ImageClassifier) and module.hparams.model_name == MODEL
