@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from stacktrain.errors import StackError
 from stacktrain.functional.flops import flops_by_module
 
 __all__ = [
@@ -47,16 +46,14 @@ __all__ = [
     "mask_digest",
 ]
 
-#: Roles of a slice: "producer" makes the channels (its weights are the CSS columns), "norm" is a
-#: per-channel norm or activation parameter, "stats" a norm's running statistics (restored on
-#: regrow, never zeroed), "consumer" reads the channels (its input slice).
-ROLES = ("producer", "norm", "stats", "consumer")
-
-
 @dataclass(frozen=True)
 class ChannelSlice:
     """One tensor slice of a group: ``getattr(model.get_submodule(module), param)`` along ``dim``;
-    ``grid[u]`` are the positions along ``dim`` that belong to unit ``u`` (same count for every unit)."""
+    ``grid[u]`` are the positions along ``dim`` that belong to unit ``u`` (same count for every unit).
+
+    ``role``: "producer" makes the channels (its weights are the CSS columns), "norm" is a
+    per-channel norm or activation parameter, "stats" a norm's running statistics (restored on
+    regrow, never zeroed), "consumer" reads the channels (its input slice)."""
 
     module: str
     param: str
@@ -160,15 +157,13 @@ def find_channel_groups(
     attention, transposed convolutions, bare parameters), or when one of its producing layers
     matches a pattern in ``ignore`` (``fnmatch`` on module names, e.g. ``"model.head*"``).
     """
-    import torch_pruning as tp
-
     graph = graph or trace_dependency_graph(model, example_inputs, forward_fn)
     names = {module: name for name, module in model.named_modules()}
     ignored = [m for name, m in model.named_modules() if name and any(fnmatch.fnmatch(name, p) for p in ignore)]
     order = {name: i for i, name in enumerate(names.values())}
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.modules.conv._ConvNd,)):
-        described = _describe_group(group, graph, names, tp)
+        described = _describe_group(group, graph, names)
         if described is not None:
             groups.append(described)
     groups = _consistent(groups, model)
@@ -197,7 +192,7 @@ def _consistent(groups: list[ChannelGroup], model: nn.Module) -> list[ChannelGro
     return [g for i, g in enumerate(groups) if i not in bad]
 
 
-def _describe_group(group: Any, graph: Any, names: dict[nn.Module, str], tp: Any) -> ChannelGroup | None:
+def _describe_group(group: Any, graph: Any, names: dict[nn.Module, str]) -> ChannelGroup | None:
     root_module = group[0].dep.target.module
     root_name = names.get(root_module)
     if root_name is None or not isinstance(root_module, nn.modules.conv._ConvNd):
