@@ -2,5 +2,7 @@
 
 from .efficiency import EfficiencyReport
 from .resume import ExactResume
+from .prune_regrow import PruneRegrow
 
 __all__ = ["EfficiencyReport", "ExactResume"]
+__all__ += ["PruneRegrow"]

@@ -42,6 +42,17 @@ def _trainer(max_steps: int, callbacks: list[Callback], root: str, **kwargs: Any
     return Trainer(callbacks=callbacks, **options)
 
 
+class _StopAt(Callback):
+    """Stops a run configured for more steps once ``step`` optimizer steps are done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 def stop_and_resume(
     make_module: Callable[[], LightningModule],
     make_data: Callable[[], LightningDataModule],
@@ -50,8 +61,12 @@ def stop_and_resume(
     total: int,
     stop_at: int,
     root: str | os.PathLike,
+    full_length: bool = False,
     **trainer_kwargs: Any,
 ) -> ResumeRuns:
+    """``full_length=True``: the stopped run is configured for all ``total`` steps and stopped at
+    ``stop_at``, as a pre-empted job is (needed when schedules take their length from the trainer:
+    OneCycleLR, a technique's T_max); by default it is configured for ``stop_at`` steps."""
     root = str(root)
     seed_everything(0)
     full_module = make_module()
@@ -61,7 +76,10 @@ def stop_and_resume(
     seed_everything(0)
     ckpt_dir = os.path.join(root, "stopped")
     saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=stop_at, save_top_k=-1)
-    stopped = _trainer(stop_at, [*make_callbacks(), saver], root, **trainer_kwargs)
+    if full_length:
+        stopped = _trainer(total, [*make_callbacks(), saver, _StopAt(stop_at)], root, **trainer_kwargs)
+    else:
+        stopped = _trainer(stop_at, [*make_callbacks(), saver], root, **trainer_kwargs)
     stopped.fit(make_module(), make_data())
     checkpoints = glob.glob(os.path.join(ckpt_dir, f"*step={stop_at}*.ckpt"))
     assert len(checkpoints) == 1, checkpoints

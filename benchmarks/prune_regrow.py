@@ -1,0 +1,223 @@
+"""CHEX prune-and-regrow against dense training and prune-only, same epochs, one process.
+
+Variants (each trained from scratch with the same optimizer, schedule and epochs):
+  dense                the full network
+  prune_only@R         PruneRegrow(target_flops_ratio=R, regrow_fraction=0): pruned channels never
+                       come back; compacted at T_max
+  chex@R               PruneRegrow(target_flops_ratio=R): prune and regrow until T_max; compacted
+  chex@R_masked        the same without compaction (masks to the end): the training-time reference
+for R in 0.5 and 0.25. Accuracy is the mean over ``--seeds`` seeds (the masked CHEX run, which
+trains like the compacted one, on the first seed only).
+
+Measured: final validation accuracy; forward FLOPs of the final network with the shared flop counter
+(relative to dense; a masked network keeps its dense shape, its masked FLOPs are ``mask_flops_ratio``,
+counted from the masks); whole-training wall and process-CPU time; mean step time after exploration
+(compacted vs masked, inside this process); inference time of the compacted vs the dense network
+(eval, no grad, batch ``--infer-batch``, the networks timed in turns, in the default contiguous
+layout and in channels-last).
+
+    python benchmarks/prune_regrow.py                      # digits (embedded), ResNet-18 at 16 px
+    python benchmarks/prune_regrow.py --cifar10 /data/cifar10 --image-size 32 --epochs 30
+    python benchmarks/prune_regrow.py --small              # seconds: a smoke test
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import parser, table, write_json  # noqa: E402
+from stacktrain.callbacks import PruneRegrow  # noqa: E402
+from stacktrain.functional.flops import forward_flops  # noqa: E402
+from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
+
+TARGETS = (0.5, 0.25)
+
+
+class StepTimer(Callback):
+    """Wall and process-CPU time of every training step (hooks of the techniques included), split at
+    the end of exploration: steps after T_max are the ones compaction can speed up."""
+
+    def __init__(self, t_max: int) -> None:
+        self.t_max = t_max
+        self.after = [0, 0.0, 0.0]  # steps, wall, cpu
+        self.fit = [0.0, 0.0]
+
+    def on_fit_start(self, trainer, pl_module):
+        self._fit = (time.perf_counter(), time.process_time())
+
+    def on_fit_end(self, trainer, pl_module):
+        self.fit = [time.perf_counter() - self._fit[0], time.process_time() - self._fit[1]]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = (time.perf_counter(), time.process_time(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        wall, cpu, step = time.perf_counter() - self._start[0], time.process_time() - self._start[1], self._start[2]
+        if step > self.t_max:  # the compaction itself happens at the start of step T_max
+            self.after[0] += 1
+            self.after[1] += wall
+            self.after[2] += cpu
+
+
+def make_data(args: Any, seed: int):
+    if args.cifar10:
+        from stacktrain.datamodules import ImageFolderDataModule
+
+        return ImageFolderDataModule(args.cifar10, dataset="cifar10", image_size=args.image_size, channels=3,
+                                     batch_size=args.batch_size, num_workers=2, seed=seed)
+    from stacktrain.datamodules import DigitsDataModule
+
+    return DigitsDataModule(image_size=args.image_size, batch_size=args.batch_size, seed=0)
+
+
+def train(args: Any, seed: int, prune: dict[str, Any] | None) -> dict[str, Any]:
+    seed_everything(seed)
+    data = make_data(args, seed)
+    channels = 3 if args.cifar10 else 1
+    module = ImageClassifier(
+        args.model, num_classes=10, in_chans=channels,
+        optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.05),
+        lr_scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=args.lr, pct_start=0.15),
+    )
+    data.setup("fit")
+    steps_per_epoch = len(data.train_dataloader())
+    if args.limit_batches:
+        steps_per_epoch = min(steps_per_epoch, args.limit_batches)
+    total = steps_per_epoch * args.epochs
+    t_max = round(args.explore_until * total)
+    timer = StepTimer(t_max)
+    callbacks: list[Callback] = [timer]
+    explorer = None
+    if prune is not None:
+        explorer = PruneRegrow(explore_until=args.explore_until, update_every=args.update_every, **prune)
+        callbacks.append(explorer)
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                      default_root_dir=args.scratch, num_sanity_val_steps=0,
+                      limit_train_batches=args.limit_batches or 1.0, limit_val_batches=args.limit_batches or 1.0)
+    trainer.fit(module, data)
+    example = torch.zeros(1, channels, args.image_size, args.image_size)
+    network = module.model.eval()
+    return {
+        "acc": float(trainer.callback_metrics["val/acc"]),
+        "flops": forward_flops(network, example),
+        "fit_wall_s": timer.fit[0], "fit_cpu_s": timer.fit[1],
+        "after_steps": timer.after[0],
+        "after_step_ms": 1000 * timer.after[1] / max(timer.after[0], 1),
+        "after_step_cpu_ms": 1000 * timer.after[2] / max(timer.after[0], 1),
+        "compacted": bool(explorer and explorer.compacted),
+        "network": network,
+        "widths": explorer.history[-1]["widths"] if explorer and explorer.history else None,
+        "mask_flops_ratio": explorer.history[-1]["flops_ratio"] if explorer and explorer.history else 1.0,
+    }
+
+
+def inference_ms(networks: dict[str, torch.nn.Module], example: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median milliseconds of one batch through each network, the networks taking turns."""
+    samples: dict[str, list[float]] = {name: [] for name in networks}
+    with torch.no_grad():
+        for net in networks.values():
+            net(example)  # warm-up
+        for _ in range(repeats):
+            for name, net in networks.items():
+                start = time.perf_counter()
+                net(example)
+                samples[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    arguments = parser(__doc__.split("\n\n")[0])
+    arguments.add_argument("--model", default="resnet18")
+    arguments.add_argument("--epochs", type=int, default=6)
+    arguments.add_argument("--seeds", type=int, default=3)
+    arguments.add_argument("--image-size", type=int, default=16)
+    arguments.add_argument("--batch-size", type=int, default=64)
+    arguments.add_argument("--lr", type=float, default=3e-3)
+    arguments.add_argument("--explore-until", type=float, default=0.5)
+    arguments.add_argument("--update-every", type=int, default=1, help="epochs between prune/regrow updates")
+    arguments.add_argument("--infer-batch", type=int, default=256)
+    arguments.add_argument("--infer-repeats", type=int, default=30)
+    arguments.add_argument("--cifar10", default=None, help="a local CIFAR-10 folder (torchvision layout)")
+    arguments.add_argument("--limit-batches", type=int, default=0, help="batches per epoch (0: all)")
+    args = arguments.parse_args(argv)
+    if args.small:
+        args.model, args.epochs, args.seeds, args.limit_batches = "test_resnet", 2, 1, 2
+        args.infer_repeats, args.infer_batch = 3, 32
+    args.scratch = tempfile.mkdtemp(prefix="stacktrain-prune-")
+    variants: dict[str, dict[str, Any] | None] = {"dense": None}
+    for ratio in TARGETS:
+        variants[f"prune_only@{ratio}"] = dict(target_flops_ratio=ratio, regrow_fraction=0.0, compact_after_explore=True)
+        variants[f"chex@{ratio}"] = dict(target_flops_ratio=ratio, compact_after_explore=True)
+        variants[f"chex@{ratio}_masked"] = dict(target_flops_ratio=ratio, compact_after_explore=False)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for seed in range(args.seeds):
+        for name, prune in variants.items():
+            if name.endswith("_masked") and seed > 0:
+                continue
+            run = train(args, seed, prune)
+            print(f"seed {seed} {name}: val/acc {run['acc']:.4f}, FLOPs {run['flops'] / 1e6:.2f}M, "
+                  f"fit {run['fit_wall_s']:.1f}s wall / {run['fit_cpu_s']:.1f}s CPU", flush=True)
+            runs[name].append(run)
+    dense_flops = runs["dense"][0]["flops"]
+    channels = 3 if args.cifar10 else 1
+    example = torch.randn(args.infer_batch, channels, args.image_size, args.image_size)
+    networks = {"dense": runs["dense"][0]["network"]}
+    networks.update({f"chex@{r}": runs[f"chex@{r}"][0]["network"] for r in TARGETS})
+    networks.update({f"prune_only@{r}": runs[f"prune_only@{r}"][0]["network"] for r in TARGETS})
+    infer = inference_ms(networks, example, args.infer_repeats)
+    # channels-last is oneDNN's preferred CPU layout; narrow layers gain more from it than wide ones
+    channels_last = {name: copy.deepcopy(net).to(memory_format=torch.channels_last) for name, net in networks.items()}
+    infer_cl = inference_ms(channels_last, example.to(memory_format=torch.channels_last), args.infer_repeats)
+    results: dict[str, dict[str, Any]] = {}
+    for name, seeds in runs.items():
+        accs = [r["acc"] for r in seeds]
+        first = seeds[0]
+        row = {
+            "acc_mean": statistics.mean(accs), "acc_min": min(accs), "accs": accs, "seeds": len(accs),
+            "flops_ratio": first["flops"] / dense_flops,
+            "mask_flops_ratio": first["mask_flops_ratio"],
+            "fit_wall_s": statistics.median(r["fit_wall_s"] for r in seeds),
+            "fit_cpu_s": statistics.median(r["fit_cpu_s"] for r in seeds),
+            "after_step_ms": first["after_step_ms"], "after_step_cpu_ms": first["after_step_cpu_ms"],
+            "widths": first["widths"],
+        }
+        if name in infer:
+            row["infer_ms"] = infer[name]
+            row["infer_ratio"] = infer[name] / infer["dense"]
+            row["infer_cl_ms"] = infer_cl[name]
+            row["infer_cl_ratio"] = infer_cl[name] / infer_cl["dense"]
+        results[name] = row
+    results["dense"]["acc_delta"] = 0.0
+    for name, row in results.items():
+        row["acc_delta"] = row["acc_mean"] - results["dense"]["acc_mean"]
+    for ratio in TARGETS:
+        compact, masked = results[f"chex@{ratio}"], results[f"chex@{ratio}_masked"]
+        compact["after_step_ratio_vs_masked"] = compact["after_step_ms"] / masked["after_step_ms"]
+        compact["after_step_cpu_ratio_vs_masked"] = compact["after_step_cpu_ms"] / masked["after_step_cpu_ms"]
+        compact["fit_wall_ratio_vs_masked"] = compact["fit_wall_s"] / masked["fit_wall_s"]
+    data = f"CIFAR-10 at {args.cifar10}" if args.cifar10 else "digits"
+    print(f"\n{args.model} on {data} at {args.image_size} px, {args.epochs} epochs, {args.seeds} seed(s); "
+          f"exploration until {args.explore_until} of training")
+    print(table(results, ["acc_mean", "acc_min", "acc_delta", "flops_ratio", "mask_flops_ratio", "fit_wall_s", "fit_cpu_s", "after_step_ms",
+                          "after_step_ratio_vs_masked", "infer_ms", "infer_ratio", "infer_cl_ratio"]))
+    settings = {k: v for k, v in vars(args).items() if k != "scratch"}
+    path = write_json("prune_regrow", {"settings": settings, "results": results}, args.out)
+    print(f"written {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

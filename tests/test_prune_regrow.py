@@ -1,0 +1,300 @@
+"""`PruneRegrow` in real (tiny) training runs on the digits: exploration lands on the FLOPs budget,
+regrowing happens, compaction shrinks the network and training goes on, exact resume, clear errors
+before the first batch, and the export loads without stacktrain."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+import torchvision
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import REPO, TINY_VIT
+from ddp_harness import assert_states_equal, subprocess_env
+from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only, stop_and_resume
+from stacktrain.callbacks import EfficiencyReport, ExactResume, PruneRegrow
+from stacktrain.datamodules import DigitsDataModule
+from stacktrain.errors import StackError
+from stacktrain.functional.flops import forward_flops
+from stacktrain.lightning_modules import ImageClassifier
+from stacktrain.stack import FLOPS_PER_STEP, INFERENCE_FLOPS
+
+MODEL = "test_resnet"  # timm's 0.4M-parameter ResNet: basic and bottleneck blocks, tiered stem
+
+
+def make_module(model_name: str = MODEL, **kwargs) -> ImageClassifier:
+    return ImageClassifier(
+        model_name, in_chans=1, optimizer=partial(torch.optim.AdamW, lr=3e-3),
+        lr_scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=3e-3), **kwargs,
+    )
+
+
+def make_data() -> DigitsDataModule:
+    return DigitsDataModule(image_size=16, batch_size=32)
+
+
+def fit(callbacks, steps: int, tmp_path, module=None, **kwargs):
+    seed_everything(0)
+    module = module or make_module()
+    options = dict(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
+                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   default_root_dir=str(tmp_path))
+    options.update(kwargs)
+    trainer = Trainer(callbacks=callbacks, **options)
+    trainer.fit(module, make_data())
+    return module, trainer
+
+
+class Steps(ImageClassifier):
+    """Counts training steps, to prove that an error came before the first batch."""
+
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        Steps.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+# ------------------------------------------------------------------------------ exploration
+def test_exploration_regrows_and_lands_on_the_flops_budget(tmp_path):
+    explorer = PruneRegrow(target_flops_ratio=0.5, update_every=3, update_unit="step", explore_until=0.6)
+    report = EfficiencyReport(dirpath=str(tmp_path / "report"))
+    module, trainer = fit([explorer, report], 15, tmp_path)
+    history = explorer.history
+    # updates at step 0 (uniform start), every 3 steps, and at T_max = 0.6 * 15 = 9; frozen afterwards
+    assert [h["step"] for h in history] == [0, 3, 6, 9] and explorer.schedule["t_max"] == 9
+    deltas = [h["delta"] for h in history]
+    assert deltas[0] == pytest.approx(0.3) and deltas == sorted(deltas, reverse=True) and deltas[-1] == 0.0
+    assert sum(h["regrown_units"] for h in history[1:]) > 0  # pruned channels came back
+    assert history[0]["flops_ratio"] > history[-1]["flops_ratio"]  # started wider than the budget
+    assert 0.475 <= history[-1]["flops_ratio"] <= 0.5
+    assert len({h["digest"] for h in history}) == len(history)  # the masks moved at every update
+    assert all(h["digest"] == h["local_digest"] for h in history)
+    # the masks are applied to the trained weights: every pruned slice is zero
+    for group, mask in zip(explorer.plan.groups, explorer.masks):
+        for s in group.slices:
+            if s.zeroed and not bool(mask.all()):
+                tensor = getattr(module.get_submodule(s.module), s.param)
+                assert tensor.index_select(s.dim, s.grid[~mask].flatten()).abs().sum() == 0, s.key
+    # per-layer widths differ: one global |gamma| threshold, not a uniform ratio
+    fractions = {w / g.channels for w, g in zip(history[-1]["widths"], explorer.plan.groups)}
+    assert len(fractions) > 2
+    lines = {quantity: line for (technique, quantity), line in report.lines.items() if technique == "prune_regrow"}
+    assert lines[FLOPS_PER_STEP].ratio == 1.0  # masked training computes the dense network
+    assert lines[INFERENCE_FLOPS].ratio < 1.0
+    assert os.path.isfile(tmp_path / "prune_regrow_widths.png")
+
+
+def test_prune_only_never_regrows(tmp_path):
+    explorer = PruneRegrow(target_flops_ratio=0.5, update_every=3, update_unit="step", explore_until=0.6,
+                           regrow_fraction=0.0)
+    fit([explorer], 10, tmp_path)
+    assert [h["regrown_units"] for h in explorer.history[1:]] == [0] * (len(explorer.history) - 1)
+    assert explorer.history[0]["flops_ratio"] <= 0.5
+
+
+def test_compaction_shrinks_the_network_and_training_goes_on(tmp_path):
+    explorer = PruneRegrow(target_flops_ratio=0.5, update_every=3, update_unit="step", explore_until=0.5,
+                           compact_after_explore=True)
+    module, trainer = fit([explorer], 14, tmp_path)
+    assert explorer.compacted and explorer.compacted_at == 7 == explorer.schedule["t_max"]
+    assert trainer.global_step == 14
+    dense = forward_flops(make_module().model, torch.zeros(1, 1, 16, 16))
+    measured = forward_flops(module.model, torch.zeros(1, 1, 16, 16))  # the flop counter on the compact net
+    assert measured == explorer.compact_flops
+    assert abs(measured / dense - 0.5) <= 0.05 * 0.5  # within 5% of the target
+    assert sum(p.numel() for p in module.parameters()) < sum(p.numel() for p in make_module().parameters())
+    optimizer = trainer.optimizers[0]
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in module.parameters()}
+    for param in module.parameters():
+        assert optimizer.state[param]["exp_avg"].shape == param.shape
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 14  # the schedule went on
+    assert explorer.layer_sizes and all(k.startswith("model.") for k in explorer.layer_sizes)
+    # a checkpoint taken after compaction exports too (the dense model is rebuilt, then shrunk)
+    from stacktrain import export_compact
+
+    trainer.save_checkpoint(tmp_path / "compact.ckpt")
+    result = export_compact(tmp_path / "compact.ckpt", tmp_path / "export")
+    assert result["compact_flops"] == measured
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        exported = torch.export.load(result["program"]).module()(x)
+        assert torch.allclose(exported, module.eval()(x), atol=1e-5)
+
+
+class PlainModule(LightningModule):
+    """Not an ImageClassifier: a torchvision network inside the smallest LightningModule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        return torch.nn.functional.cross_entropy(self(images), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_any_lightning_module_with_a_torchvision_network(tmp_path):
+    explorer = PruneRegrow(channel_sparsity=0.5, update_every=2, update_unit="step", explore_until=0.5,
+                           compact_after_explore=True)
+    seed_everything(0)
+    module = PlainModule()
+    trainer = Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[explorer],
+                      default_root_dir=str(tmp_path))
+    trainer.fit(module, DigitsDataModule(image_size=16, channels=3, batch_size=32))
+    assert explorer.network == "net" and explorer.compacted and trainer.global_step == 8
+    assert explorer.history[-1]["channel_sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert forward_flops(module, torch.zeros(1, 3, 16, 16)) == explorer.compact_flops < explorer.dense_flops
+
+
+def test_no_op_budget_changes_nothing(tmp_path):
+    plain, _ = fit([], 6, tmp_path)
+    noop = PruneRegrow(target_flops_ratio=1.0)
+    attached, _ = fit([noop], 6, tmp_path)
+    assert noop.masks is None and noop.history == []
+    assert_states_equal(plain.state_dict(), attached.state_dict())
+
+
+# ------------------------------------------------------------------------------ errors
+def test_model_without_prunable_convolutions_fails_before_the_first_batch(tmp_path):
+    Steps.steps = 0
+    vit = Steps("vit_tiny_patch16_224", in_chans=1, model_kwargs=TINY_VIT)
+    trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, callbacks=[PruneRegrow()], default_root_dir=str(tmp_path))
+    with pytest.raises(StackError, match=r"PruneRegrow: model='Steps' has no prunable convolution") as error:
+        trainer.fit(vit, make_data())
+    assert "Fix: use a CNN" in str(error.value)
+    assert Steps.steps == 0 and trainer.global_step == 0
+
+
+def test_unreachable_budget_and_missing_input_shape_fail_before_the_first_batch(tmp_path):
+    Steps.steps = 0
+    trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, default_root_dir=str(tmp_path),
+                      callbacks=[PruneRegrow(target_flops_ratio=0.02, min_channel_ratio=0.5)])
+    with pytest.raises(StackError, match=r"target_flops_ratio=0.02 cannot be reached.*Fix: use a budget of at least"):
+        trainer.fit(Steps(MODEL, in_chans=1), make_data())
+    loader = DataLoader(TensorDataset(torch.zeros(8, 1, 16, 16), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, default_root_dir=str(tmp_path), callbacks=[PruneRegrow()])
+    with pytest.raises(StackError, match=r"input_shape=None is needed.*Fix: pass input_shape"):
+        trainer.fit(Steps(MODEL, in_chans=1), train_dataloaders=loader)
+    assert Steps.steps == 0
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    (dict(target_flops_ratio=0.5, channel_sparsity=0.5), "target_flops_ratio"),
+    (dict(target_flops_ratio=0.0), "target_flops_ratio"),
+    (dict(channel_sparsity=1.0), "channel_sparsity"),
+    (dict(regrow_fraction=1.0), "regrow_fraction"),
+    (dict(explore_until=0), "explore_until"),
+    (dict(update_unit="epochs"), "update_unit"),
+    (dict(criterion="svd"), "criterion"),
+    (dict(input_shape=[1, -16]), None),
+])
+def test_bad_settings_name_the_key(kwargs, key):
+    with pytest.raises(StackError, match=f"PruneRegrow: {key or 'input_shape'}="):
+        PruneRegrow(**kwargs)
+
+
+# ------------------------------------------------------------------------------ resume and export
+@pytest.mark.parametrize("explore_until, stop_at", [(0.6, 5), (0.4, 7)], ids=["during-exploration", "after-compaction"])
+def test_stop_and_resume_is_exact(tmp_path, explore_until, stop_at):
+    """Stopped mid-exploration (masks, most-recently-used memory and regrow sampling resume), or after
+    compaction (the smaller layers are rebuilt from the checkpoint): same weights and state."""
+    runs = stop_and_resume(
+        make_module, make_data,
+        lambda: [PruneRegrow(target_flops_ratio=0.5, update_every=2, update_unit="step", explore_until=explore_until,
+                             compact_after_explore=True), ExactResume()],
+        total=12, stop_at=stop_at, root=tmp_path, full_length=True,
+    )
+    assert_resumed_exactly(runs)
+    state = load_checkpoint_weights_only(runs.checkpoint)["callbacks"]["PruneRegrow"]
+    assert state["compacted"] == (stop_at > explore_until * 12)
+    explorer = next(c for c in runs.resumed[1].callbacks if isinstance(c, PruneRegrow))
+    assert explorer.compacted and len(explorer.history) >= 3
+
+
+EXPORT_CHECK = r"""
+import json, sys, torch, timm
+out, expected_path = sys.argv[1], sys.argv[2]
+expected = torch.load(expected_path, weights_only=True)
+program = torch.export.load(f"{out}/model.pt2").module()
+config = json.load(open(f"{out}/channels.json"))
+sys.path.insert(0, out)
+from load_compact import load_compact
+hp = config["hyperparameters"]
+model = load_compact(timm.create_model(hp["model_name"], num_classes=hp["num_classes"], in_chans=hp["in_chans"]), out)
+with torch.no_grad():
+    from_program, from_state = program(expected["x"]), model(expected["x"])
+assert "stacktrain" not in sys.modules, "the export must load without stacktrain"
+print(json.dumps({"program": (from_program - expected["logits"]).abs().max().item(),
+                  "state_dict": (from_state - expected["logits"]).abs().max().item(),
+                  "params": sum(p.numel() for p in model.parameters())}))
+"""
+
+
+def test_export_loads_without_stacktrain_and_gives_the_masked_logits(tmp_path):
+    from stacktrain import export_compact
+
+    explorer = PruneRegrow(target_flops_ratio=0.5, update_every=3, update_unit="step", explore_until=0.6)
+    module, trainer = fit([explorer], 10, tmp_path)
+    checkpoint = tmp_path / "masked.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    assert load_checkpoint_weights_only(str(checkpoint))["callbacks"]["PruneRegrow"]["masks"] is not None
+    module.eval()
+    x = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = module(x)
+    torch.save({"x": x, "logits": logits}, tmp_path / "expected.pt")
+    result = export_compact(checkpoint, tmp_path / "export")
+    assert result["network"] == "model" and abs(result["compact_flops"] / result["dense_flops"] - 0.5) <= 0.025
+    config = json.loads((tmp_path / "export" / "channels.json").read_text())
+    assert config["flops"]["compact"] == result["compact_flops"]
+    check = subprocess.run(
+        [sys.executable, "-c", EXPORT_CHECK, str(tmp_path / "export"), str(tmp_path / "expected.pt")],
+        cwd=tmp_path, env=subprocess_env(threads=2), capture_output=True, text=True, timeout=300,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    errors = json.loads(check.stdout.strip().splitlines()[-1])
+    assert errors["program"] < 1e-4 and errors["state_dict"] < 1e-4
+    assert errors["params"] < sum(p.numel() for p in module.model.parameters())
+
+
+def test_benchmark_runs_in_small_mode(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from benchmarks import prune_regrow
+
+    results = prune_regrow.main(["--small", "--out", str(tmp_path / "bench.json")])
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert payload["benchmark"] == "prune_regrow" and set(payload["results"]) == set(results)
+    for ratio in (0.5, 0.25):
+        assert abs(results[f"chex@{ratio}"]["flops_ratio"] - ratio) <= 0.05 * ratio
+        assert results[f"chex@{ratio}_masked"]["flops_ratio"] == 1.0  # masks only: the dense network
+        assert results[f"chex@{ratio}"]["infer_ms"] > 0
+
+
+def test_export_rebuilds_a_module_saved_through_the_cli():
+    """LightningCLI stores private entries with the hyper-parameters; a weights file named in
+    ``pretrained`` is not needed (the weights come from the checkpoint)."""
+    from stacktrain.export import _rebuild_module
+
+    hparams = {"_class_path": "stacktrain.lightning_modules.ImageClassifier", "_instantiator": "x",
+               "model_name": MODEL, "in_chans": 1, "num_classes": 10, "pretrained": "/no/such/file.pth"}
+    module = _rebuild_module({"module_class": "stacktrain.lightning_modules.classifier.ImageClassifier"},
+                             {"hyper_parameters": hparams})
+    assert isinstance(module, ImageClassifier) and module.hparams.model_name == MODEL
