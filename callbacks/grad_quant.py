@@ -105,6 +105,8 @@ class GradientQuantization(Technique):
         self.comm: CompressedCommState | None = None
         #: (global step, bytes sent by this rank, bytes of an fp32 all-reduce) per optimizer step
         self.bytes_history: list[list[int]] = []
+        #: relative quantization error of the logged steps of this fit, per target
+        self.error_log: dict[str, list[float]] = {"weights": [], "activations": []}
         self._params: dict[int, str] = {}
         self._loaded: dict[str, Any] | None = None
         self._step_reached = False
@@ -241,6 +243,9 @@ class GradientQuantization(Technique):
         key = (self.seed, self._rank, trainer.current_epoch, batch_idx)
         if self.quantizer is not None:
             self.quantizer.reseed(mix_seed(*key, _BACKWARD_STREAM))
+            # Measuring the quantization error costs a few passes per tensor: only on logged steps
+            # (the same test as Lightning's LearningRateMonitor).
+            self.quantizer.track_error = bool(getattr(trainer._logger_connector, "should_update_logs", True))
             if self.quantizer.error_feedback:
                 scaler = getattr(trainer.precision_plugin, "scaler", None)
                 self.quantizer.loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
@@ -290,6 +295,7 @@ class GradientQuantization(Technique):
                 error = self.quantizer.mean_relative_error(target)
                 if error is not None:
                     self.log_metric(pl_module, f"rel_error_{target}", error)
+                    self.error_log[target].append(float(error))
             self.quantizer.reset_statistics()
         if self._step_bytes is not None:
             sent, fp32 = self._step_bytes

@@ -38,7 +38,8 @@ from stacktrain.errors import require_choice, require_number
 
 __all__ = ["HYPERNET_INPUTS", "GradientHyperNetwork", "MetaGradCompensation", "ParamUpdate"]
 
-#: What the hypernetwork sees of each element: its gradient, or its gradient and its weight.
+#: What the hypernetwork sees of each element: its gradient, or its gradient and its weight
+#: (MetaQuant's g * M(w) variant).
 HYPERNET_INPUTS = ("gradient", "gradient_and_weight")
 
 
@@ -72,26 +73,29 @@ class GradientHyperNetwork(nn.Module):
             self.hidden.weight.copy_(torch.randn(hidden, features, generator=generator))
             self.output.weight.zero_()
 
-    def forward(self, grad: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, grad: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``context``: the weight, for ``inputs="gradient_and_weight"`` (normalised by its RMS)."""
         g = grad.detach().float()
         scale = _rms(g)
         x = g.reshape(-1, 1) / scale
         features = x
-        if self.inputs == "gradient_and_weight":
-            if weight is None:
-                raise ValueError("GradientHyperNetwork(inputs='gradient_and_weight') needs the weight")
-            w = weight.detach().float()
-            features = torch.cat([x, w.reshape(-1, 1) / _rms(w)], dim=1)
+        if self.inputs != "gradient":
+            if context is None:
+                raise ValueError(f"GradientHyperNetwork(inputs={self.inputs!r}) needs the weight as context")
+            c = context.detach().float().reshape(-1, 1)
+            features = torch.cat([x, c / _rms(c)], dim=1)
         correction = self.output(torch.tanh(self.hidden(features)))
         return ((x + correction) * scale).reshape(grad.shape)
 
 
 @dataclass
 class ParamUpdate:
-    """What the hypernetwork saw for one tensor at the last step, to differentiate the next loss."""
+    """What the hypernetwork saw for one tensor at the last step (gradient, and the weight if it
+    uses it) and the learning rate that applied its update: what the next loss is differentiated
+    through."""
 
     grad: torch.Tensor
-    weight: torch.Tensor | None
+    context: torch.Tensor | None
     lr: float
 
 
@@ -116,9 +120,8 @@ class MetaGradCompensation:
         self._pending: dict[str, ParamUpdate] = {}
         self.last_meta_grad_norm: float | None = None
 
-    @property
-    def uses_weight(self) -> bool:
-        return self.net.inputs == "gradient_and_weight"
+    def _context(self, param: torch.Tensor) -> torch.Tensor | None:
+        return param.detach().clone() if self.net.inputs == "gradient_and_weight" else None
 
     def to(self, device: torch.device | str) -> MetaGradCompensation:
         self.net.to(device)
@@ -137,7 +140,7 @@ class MetaGradCompensation:
             if previous is None or param.grad is None:
                 continue
             with torch.enable_grad():
-                update = self.net(previous.grad, previous.weight)
+                update = self.net(previous.grad, previous.context)
             # w' = w - lr * H(g): dL/dtheta = (dL/dw') . (dw'/dtheta) = -lr * <grad, dH/dtheta>
             update.backward(gradient=-previous.lr * param.grad.detach().float())
             used = True
@@ -164,9 +167,9 @@ class MetaGradCompensation:
                 if param.grad is None:
                     continue
                 grad = param.grad.detach().clone()
-                weight = param.detach().clone() if self.uses_weight else None
-                self._pending[name] = ParamUpdate(grad, weight, float(lr))
-                param.grad.copy_(self.net(grad, weight).to(param.grad.dtype))
+                context = self._context(param)
+                self._pending[name] = ParamUpdate(grad, context, float(lr))
+                param.grad.copy_(self.net(grad, context).to(param.grad.dtype))
         return True
 
     def commit(self) -> None:
@@ -184,8 +187,8 @@ class MetaGradCompensation:
         previous = {}
         for name, item in self.previous.items():
             entry: dict[str, Any] = {"grad": item.grad.detach().cpu().clone(), "lr": item.lr}
-            if item.weight is not None:
-                entry["weight"] = item.weight.detach().cpu().clone()
+            if item.context is not None:
+                entry["context"] = item.context.detach().cpu().clone()
             previous[name] = entry
         return {
             "net": {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()},
@@ -199,7 +202,7 @@ class MetaGradCompensation:
         self.optimizer.load_state_dict(state["optimizer"])
         self.to(device)
         self.previous = {
-            name: ParamUpdate(entry["grad"].to(device), entry["weight"].to(device) if "weight" in entry else None,
+            name: ParamUpdate(entry["grad"].to(device), entry["context"].to(device) if "context" in entry else None,
                               float(entry["lr"]))
             for name, entry in state.get("previous", {}).items()
         }

@@ -134,11 +134,26 @@ def fake_quantize(
     stochastic: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """``dequantize(quantize(x))`` in ``x``'s dtype and shape, with inf and NaN passed through."""
-    q = quantize(x, bits, per_row=per_row, stochastic=stochastic, generator=generator)
-    out = dequantize(q, torch.float32)
-    finite = torch.isfinite(x)
-    out = torch.where(finite, out, x.float())
+    """``dequantize(quantize(x))`` in ``x``'s dtype and shape, with inf and NaN passed through.
+
+    Same numbers as `quantize` + `dequantize` (the same noise draws), computed in place in one
+    float32 buffer when every value is finite (one host synchronisation to decide), which is the
+    case at every step that is not going to be skipped."""
+    values = x.detach().float()
+    absmax = (_rows(values).abs().amax(dim=1).reshape((-1,) + (1,) * (max(values.ndim, 1) - 1))
+              if per_row else values.abs().amax())
+    if not bool(torch.isfinite(absmax).all()):
+        q = quantize(values, bits, per_row=per_row, stochastic=stochastic, generator=generator)
+        out = torch.where(torch.isfinite(values), dequantize(q, torch.float32), values)
+        return out.to(x.dtype)
+    top = max_code(bits)
+    scale = torch.where(absmax > 0, absmax / top, torch.ones_like(absmax))
+    out = values / scale
+    if stochastic:
+        out.add_(torch.rand(out.shape, generator=generator, device=out.device, dtype=out.dtype)).floor_()
+    else:
+        out.round_()
+    out.clamp_(-top, top).mul_(scale)
     return out.to(x.dtype)
 
 
