@@ -392,3 +392,55 @@ def test_a_nan_gradient_skips_the_step_under_amp_as_without_quantization(compens
     assert not all(torch.equal(a, b) for a, b in zip(quantized[3][3], quantized[3][4]))  # the next step does
     if compensation == "hypernet":
         assert all(torch.equal(a, b) for a, b in zip(quantized[1][5], quantized[2][5]))  # hypernetwork untouched
+
+
+# ------------------------------------------------------------------------------------ DDP hook
+@pytest.fixture
+def single_process_group(tmp_path):
+    """A one-process gloo group, so that DDP and its communication hook run in this process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("bits", "bound"), [(8, 0.27), (4, 0.14)])
+def test_compressed_hook_sends_k_bit_codes_and_one_scale_per_bucket(single_process_group, bits, bound):
+    from stacktrain.functional.quantize import CompressedCommState, quantized_allgather_hook
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+    F.cross_entropy(model(x), y).backward()
+    reference = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = CompressedCommState(bits)
+    ddp.register_comm_hook(state, quantized_allgather_hook)
+    state.reseed(0)
+    F.cross_entropy(ddp(x), y).backward()
+    sent, fp32, buckets = state.take_counts()
+    numel = reference.numel()
+    assert fp32 == 4 * numel
+    assert sent == payload_bytes(numel, bits) + 4 * buckets  # packed codes + a float32 scale per bucket
+    assert sent / fp32 <= bound
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    step = reference.abs().max() / max_code(bits)  # one bucket here: one scale for everything
+    assert buckets == 1 and ((got - reference).abs() <= step * (1 + 1e-5)).all()
+    assert len(torch.unique(got)) <= 2 * max_code(bits) + 1
+    assert state.take_counts() == (0, 0, 0)
+
+
+def test_compressed_hook_turns_a_non_finite_bucket_into_nan_for_the_grad_scaler(single_process_group):
+    from stacktrain.functional.quantize import CompressedCommState, quantized_allgather_hook
+
+    model = nn.Linear(4, 2)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp.register_comm_hook(CompressedCommState(4), quantized_allgather_hook)
+    x = torch.randn(3, 4)
+    x[0, 0] = float("inf")
+    ddp(x).sum().backward()
+    assert not torch.isfinite(model.weight.grad).any() and not torch.isfinite(model.bias.grad).any()

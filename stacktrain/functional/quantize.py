@@ -449,7 +449,7 @@ def quantized_allgather_hook(state: CompressedCommState, bucket: dist.GradBucket
     def decode(future: torch.futures.Future) -> torch.Tensor:
         rows = gathered.view(world, -1)
         codes = unpack_codes(rows[:, :-4], state.bits, numel).float()
-        scales = rows[:, -4:].contiguous().view(torch.float32)  # [world, 1]
+        scales = rows[:, -4:].clone(memory_format=torch.contiguous_format).view(torch.float32)  # [world, 1], aligned
         mean = (codes * scales).sum(dim=0) / world
         buffer.copy_(mean.to(buffer.dtype))
         return buffer
