@@ -365,3 +365,23 @@ def test_two_processes_with_int4_communication_end_with_identical_weights(tmp_pa
     torch.manual_seed(0)  # the config's seed_everything: the initial weights
     fresh = classifier().state_dict()
     assert not torch.equal(fresh["model.fc.weight"], rank0["model"]["model.fc.weight"])  # it trained
+
+
+# ----------------------------------------------------------------------------------- benchmark
+def test_benchmark_small_mode_writes_its_table(tmp_path):
+    import json
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import grad_quant
+
+    out = tmp_path / "grad_quant.json"
+    grad_quant.main(["--small", "--settings", "cnn", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    rows = payload["accuracy"]["cnn"]["rows"]
+    assert set(rows) == {"fp32", "int8", "int4", "int4_error_feedback", "int4_hypernet"}
+    assert rows["fp32"]["rel_error_weights"] == 0.0
+    assert 0 < rows["int8"]["rel_error_weights"] < rows["int4"]["rel_error_weights"] < 1
+    assert payload["ddp"] == {}  # the DDP part is left out of the small mode

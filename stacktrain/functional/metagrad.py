@@ -10,8 +10,10 @@ Here, for every trainable tensor with gradient ``g`` (already quantized and, und
 all-reduced) and learning rate ``lr``:
 
 * the update is ``u = H(g)`` (optionally ``H(g, w)``): ``.grad`` is replaced by ``u`` and the
-  model's own optimizer applies it, so the next weights are ``w' = w - lr * H(g)`` (plain SGD; with
-  momentum or Adam the optimizer transforms ``u`` further, as in MetaQuant);
+  model's own optimizer applies it, so the next weights are ``w' = w - lr * H(g)`` (plain SGD, and
+  the current step of SGD with momentum; Adam transforms ``u`` further, and this SGD model is then
+  MetaQuant's approximation: a linearisation through Adam's per-element step size was tried on the
+  digits and did no better);
 * the next loss ``L(w')`` is differentiated with respect to the hypernetwork's weights ``theta``
   through ``w'``: ``dL/dtheta = -lr * <dL/dw', dH(g)/dtheta>``. `MetaGradCompensation.transform`
   computes exactly this vector-Jacobian product when the next gradient ``dL/dw'`` is known, which is
@@ -110,7 +112,7 @@ class MetaGradCompensation:
     they are for the grad scaler (or the optimizer) to handle as without the hypernetwork.
     """
 
-    def __init__(self, hidden: int = 16, inputs: str = "gradient", meta_lr: float = 1e-3, seed: int = 0,
+    def __init__(self, hidden: int = 16, inputs: str = "gradient", meta_lr: float = 1e-2, seed: int = 0,
                  device: torch.device | str = "cpu") -> None:
         require_number(meta_lr, "meta_lr", source=type(self).__name__, low=0.0, low_inclusive=False)
         generator = torch.Generator().manual_seed(int(seed))
