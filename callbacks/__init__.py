@@ -1,8 +1,8 @@
 """Technique callbacks and the `EfficiencyReport` they report to."""
 
 from .efficiency import EfficiencyReport
-from .resume import ExactResume
+from .grad_quant import GradientQuantization
 from .prune_regrow import PruneRegrow
+from .resume import ExactResume
 
-__all__ = ["EfficiencyReport", "ExactResume"]
-__all__ += ["PruneRegrow"]
+__all__ = ["EfficiencyReport", "ExactResume", "GradientQuantization", "PruneRegrow"]
