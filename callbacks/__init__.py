@@ -2,5 +2,6 @@
 
 from .efficiency import EfficiencyReport
 from .resume import ExactResume
+from .token_dropout import TokenDropout
 
-__all__ = ["EfficiencyReport", "ExactResume"]
+__all__ = ["EfficiencyReport", "ExactResume", "TokenDropout"]

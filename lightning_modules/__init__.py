@@ -1,5 +1,6 @@
 """LightningModules: models that work with or without any technique attached."""
 
 from .classifier import ImageClassifier
+from .contrastive import DINO, ContrastiveLearner, MoCoV3, SimCLR
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "ContrastiveLearner", "SimCLR", "MoCoV3", "DINO"]
