@@ -66,7 +66,7 @@ class TokenDropout(Technique):
         self,
         keep_ratio: float = 0.5,
         patch_scale: int = 1,
-        schedule: str | list[dict[str, float]] = "constant",
+        schedule: str | list[dict[str, int | float]] = "constant",
         until: float = 1.0,
         schedule_file: str | None = None,
         patch_mode: Literal["flexi", "resolution"] = "flexi",

@@ -7,12 +7,13 @@ Batches are ``(images, labels)``: ``images`` a float32 tensor ``[B, C, H, W]``, 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import v2
 
@@ -89,11 +90,32 @@ class EpochSampler(DistributedSampler):
     """The training order as a function of (seed, epoch) only, split over DDP ranks (one rank when
     not distributed). It yields ``(epoch, index)`` so that `SeededSamples` can seed each sample's
     random augmentation. Being a ``DistributedSampler``, Lightning keeps it under DDP and calls its
-    ``set_epoch``."""
+    ``set_epoch``.
+
+    Its state (the epoch and how far it got) travels with the ``StatefulDataLoader``'s: on resume
+    Lightning rebuilds the loader's iterator *before* calling ``set_epoch``, so a sampler that did
+    not carry its epoch would replay epoch 0's order in a later epoch.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.yielded = 0
+        self._resume_at = 0
 
     def __iter__(self):
+        start, self._resume_at = self._resume_at, 0
+        self.yielded = start
         epoch = self.epoch
-        return ((epoch, index) for index in super().__iter__())
+        for index in itertools.islice(super().__iter__(), start, None):
+            self.yielded += 1
+            yield (epoch, index)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "yielded": int(self.yielded)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.epoch = int(state_dict["epoch"])
+        self._resume_at = int(state_dict["yielded"])
 
 
 class SeededSamples(Dataset):
@@ -127,7 +149,7 @@ class ImageDataModule(LightningDataModule):
 
     Training data is deterministic: its order depends on ``seed`` and the epoch only (`EpochSampler`,
     split over DDP ranks), random augmentation on (seed, epoch, sample) only (`SeededSamples`), and
-    the loaders are torchdata ``StatefulDataLoader``s whose position Lightning saves in checkpoints,
+    the training loader is a torchdata ``StatefulDataLoader`` whose position Lightning saves in checkpoints,
     so a run resumed mid-epoch sees exactly the batches the uninterrupted run would have seen.
     Subclasses set ``random_transforms`` when their training transform is random.
     """
@@ -158,7 +180,7 @@ class ImageDataModule(LightningDataModule):
         self.class_names: list[str] = []
         self.image_shape: tuple[int, int, int] | None = None
 
-    def _loader(self, dataset: Dataset | None, *, train: bool) -> StatefulDataLoader:
+    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
         if dataset is None:
             raise StackError(
                 "has no data for this stage", source=type(self).__name__, fix="call setup() first or check the split"
@@ -168,7 +190,9 @@ class ImageDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
         )
         if not train:
-            return StatefulDataLoader(dataset, shuffle=False, **common)
+            # A plain loader: every evaluation starts from the first batch. A stateful one would let
+            # Lightning resume an evaluation cut short by limit_val_batches where it stopped.
+            return DataLoader(dataset, shuffle=False, **common)
         trainer = self.trainer
         distributed = trainer is not None and trainer.world_size > 1
         sampler = EpochSampler(
@@ -185,11 +209,11 @@ class ImageDataModule(LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> StatefulDataLoader:
+    def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
 
-    def test_dataloader(self) -> StatefulDataLoader:
+    def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
 
-    def predict_dataloader(self) -> StatefulDataLoader:
+    def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)

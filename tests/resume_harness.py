@@ -8,6 +8,11 @@ Every technique's tests use it::
 The stopped run saves its checkpoint with ``ModelCheckpoint(every_n_train_steps=k)`` inside the
 training loop, as a pre-empted job would have it; the resumed run starts from a different global
 seed, so whatever matches comes from the checkpoint.
+
+By default the stopped run is configured with ``max_steps=k``. Anything scheduled over the length
+of training (LR schedules, technique schedules that read ``estimated_stepping_batches``) then sees
+another run; ``same_length=True`` configures the stopped run with ``max_steps=N`` and interrupts it
+after step k instead, as a pre-empted job is.
 """
 
 from __future__ import annotations
@@ -42,6 +47,17 @@ def _trainer(max_steps: int, callbacks: list[Callback], root: str, **kwargs: Any
     return Trainer(callbacks=callbacks, **options)
 
 
+class _StopAfter(Callback):
+    """Interrupts training after optimizer step ``step`` (the pre-emption of ``same_length=True``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 def stop_and_resume(
     make_module: Callable[[], LightningModule],
     make_data: Callable[[], LightningDataModule],
@@ -50,6 +66,7 @@ def stop_and_resume(
     total: int,
     stop_at: int,
     root: str | os.PathLike,
+    same_length: bool = False,
     **trainer_kwargs: Any,
 ) -> ResumeRuns:
     root = str(root)
@@ -61,7 +78,10 @@ def stop_and_resume(
     seed_everything(0)
     ckpt_dir = os.path.join(root, "stopped")
     saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=stop_at, save_top_k=-1)
-    stopped = _trainer(stop_at, [*make_callbacks(), saver], root, **trainer_kwargs)
+    if same_length:
+        stopped = _trainer(total, [*make_callbacks(), _StopAfter(stop_at), saver], root, **trainer_kwargs)
+    else:
+        stopped = _trainer(stop_at, [*make_callbacks(), saver], root, **trainer_kwargs)
     stopped.fit(make_module(), make_data())
     checkpoints = glob.glob(os.path.join(ckpt_dir, f"*step={stop_at}*.ckpt"))
     assert len(checkpoints) == 1, checkpoints

@@ -169,7 +169,10 @@ def _check_phases(phases: Sequence[Phase | Mapping[str, Any]], *, source: str, k
             raise StackError(f"must be after the previous phase's end ({previous_end})", source=source,
                              key=f"{where}.end", value=end, fix="list phases in training order with increasing ends")
         keep = check_keep_ratio(item.get("keep_ratio", 1.0), f"{where}.keep_ratio", source=source)
-        scale = require_number(item.get("patch_scale", 1), f"{where}.patch_scale", source=source, low=1, integer=True)
+        scale = item.get("patch_scale", 1)
+        if isinstance(scale, float) and scale.is_integer():
+            scale = int(scale)  # YAML and CLI parsers may hand whole numbers over as floats
+        require_number(scale, f"{where}.patch_scale", source=source, low=1, integer=True)
         checked.append(Phase(float(end), keep, int(scale)))
         previous_end = float(end)
     return checked
