@@ -239,9 +239,11 @@ def _load(config_path: str, overrides: Sequence[str]) -> tuple[LightningModule, 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(stripped, handle)
         temporary = handle.name
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads only `args` here, not our own command line
     try:
         cli = StackCLI(args=["--config", temporary, *overrides], run=False, save_config_callback=None)
     finally:
+        sys.argv = argv
         os.unlink(temporary)
     trainer = cli.trainer
     settings = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,

@@ -66,7 +66,8 @@ def test_schedule_follows_the_global_step_and_evaluation_sees_full_sequences(tmp
     recorder = SequenceRecorder(technique)
     report = EfficiencyReport(dirpath=str(tmp_path))
     model = classifier()
-    run = trainer([recorder, report, technique], max_steps=10, limit_val_batches=2, val_check_interval=5)
+    run = trainer([recorder, report, technique], max_steps=10, limit_val_batches=2, val_check_interval=5,
+                  log_every_n_steps=1)
     run.fit(model, DigitsDataModule(batch_size=32))
     cost = technique.compression.cost_model if technique.compression else ViTCostModel.from_vit(model.model)
     expected = {}
