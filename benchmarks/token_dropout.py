@@ -53,10 +53,10 @@ class LoopTimer(Callback):
         self.cpu = time.process_time() - self.start[1]
 
 
-def classifier_run(steps: int, batch_size: int, patch_drop_rate: float = 0.0, technique: dict | None = None):
+def classifier_run(steps: int, batch_size: int, vit: dict, patch_drop_rate: float = 0.0, technique: dict | None = None):
     def run() -> dict[str, float]:
         torch.manual_seed(0)
-        model = ImageClassifier("vit_tiny_patch16_224", in_chans=1, model_kwargs=dict(STEP_VIT, patch_drop_rate=patch_drop_rate))
+        model = ImageClassifier("vit_tiny_patch16_224", in_chans=1, model_kwargs=dict(vit, patch_drop_rate=patch_drop_rate))
         timer = LoopTimer()
         callbacks: list[Callback] = [timer]
         if technique is not None:
@@ -69,15 +69,15 @@ def classifier_run(steps: int, batch_size: int, patch_drop_rate: float = 0.0, te
     return run
 
 
-def step_times(steps: int, repeats: int, batch_size: int) -> dict[str, dict[str, float]]:
-    variants = {"full sequence": classifier_run(steps, batch_size)}
+def step_times(steps: int, repeats: int, batch_size: int, vit: dict) -> dict[str, dict[str, float]]:
+    variants = {"full sequence": classifier_run(steps, batch_size, vit)}
     for keep in (0.75, 0.5, 0.25):
-        variants[f"TokenDropout keep {keep}"] = classifier_run(steps, batch_size, technique=dict(keep_ratio=keep))
-        variants[f"timm patch_drop_rate {1 - keep:g}"] = classifier_run(steps, batch_size, patch_drop_rate=1 - keep)
+        variants[f"TokenDropout keep {keep}"] = classifier_run(steps, batch_size, vit, technique=dict(keep_ratio=keep))
+        variants[f"timm patch_drop_rate {1 - keep:g}"] = classifier_run(steps, batch_size, vit, patch_drop_rate=1 - keep)
     variants["TokenDropout patch scale 2 (flexi)"] = classifier_run(
-        steps, batch_size, technique=dict(keep_ratio=1.0, patch_scale=2, patch_mode="flexi"))
+        steps, batch_size, vit, technique=dict(keep_ratio=1.0, patch_scale=2, patch_mode="flexi"))
     variants["TokenDropout patch scale 2 (resolution)"] = classifier_run(
-        steps, batch_size, technique=dict(keep_ratio=1.0, patch_scale=2, patch_mode="resolution"))
+        steps, batch_size, vit, technique=dict(keep_ratio=1.0, patch_scale=2, patch_mode="resolution"))
     timings = add_ratios(time_variants(variants, repeats), "full sequence")
     for row in timings.values():
         row["step_ms"] = 1000 * row["wall_s"] / steps
@@ -110,6 +110,8 @@ def overrides_for(config: str, args: Any) -> list[str]:
     import yaml
 
     extra = ["--trainer.max_epochs", str(args.epochs)]
+    if args.small:  # a smoke test: a few batches per epoch
+        extra += ["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2"]
     if args.width or args.depth:
         kwargs = dict(yaml.safe_load(Path(config).read_text())["model"]["init_args"]["model_kwargs"])
         kwargs.update({k: v for k, v in (("embed_dim", args.width), ("depth", args.depth)) if v})
@@ -130,7 +132,8 @@ def ssl_run(config: str, seed: int, overrides: list[str], scratch: str, schedule
         callbacks.insert(0, TokenDropout(schedule_file=schedule_file))
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=settings["max_epochs"], logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, callbacks=callbacks)
+                      num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=settings["limit_train_batches"],
+                      limit_val_batches=settings["limit_val_batches"])
     trainer.fit(model, datamodule)
     flops = report.lines.get(("token_dropout", "train FLOPs/step"))
     return {"seed": seed, "curve": curve.points, "steps": trainer.global_step, "cpu_s": report.step_cpu_s,
@@ -146,14 +149,14 @@ def time_to_accuracy(method: str, args: Any, scratch: str) -> dict[str, Any]:
 
     config = str(REPO / "configs" / CONFIGS[method])
     overrides = overrides_for(config, args)
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.seeds if method == "simclr" else args.seeds_other))
     baselines = [ssl_run(config, seed, overrides, scratch) for seed in seeds]
     finals = [statistics.mean(p["knn_acc"] for p in run["curve"][-3:]) for run in baselines]
     target = statistics.mean(finals)
     schedule_path = str(Path(scratch) / f"{method}_schedule.yaml")
     search_start = time.process_time()
     searched = search_schedule(config, args.budget, schedule_path, calibration_fraction=args.calibration_fraction,
-                               batches=args.batches, overrides=overrides, plot=True)
+                               batches=args.batches, points=args.points, overrides=overrides, plot=True)
     search_cpu = time.process_time() - search_start
     phases = TokenDropout(schedule_file=schedule_path).schedule.as_dict()["phases"]
     accelerated = [ssl_run(config, seed, overrides, scratch, schedule_path, target) for seed in seeds]
@@ -184,34 +187,46 @@ def time_to_accuracy(method: str, args: Any, scratch: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments = parser(__doc__.split("\n\n")[0])
-    arguments.add_argument("--steps", type=int, default=30, help="(a) training steps per run")
+    arguments.add_argument("--parts", default="a,b", help="which parts to run: a (step time), b (time to accuracy)")
+    arguments.add_argument("--steps", type=int, default=20, help="(a) training steps per run")
     arguments.add_argument("--repeats", type=int, default=3, help="(a) rounds of whole runs")
     arguments.add_argument("--batch-size", type=int, default=64, help="(a) batch size")
     arguments.add_argument("--methods", default="simclr,mocov3,dino", help="(b) comma-separated; '' to skip (b)")
-    arguments.add_argument("--seeds", type=int, default=3, help="(b) seeds per method")
+    arguments.add_argument("--seeds", type=int, default=3, help="(b) seeds of SimCLR")
+    arguments.add_argument("--seeds-other", type=int, default=1, help="(b) seeds of MoCo v3 and DINO")
     arguments.add_argument("--epochs", type=int, default=16, help="(b) training epochs of the baseline")
     arguments.add_argument("--width", type=int, default=64, help="(b) ViT width (0: the config's)")
     arguments.add_argument("--depth", type=int, default=4, help="(b) ViT depth (0: the config's)")
     arguments.add_argument("--budget", type=float, default=0.3, help="(b) schedule search budget")
     arguments.add_argument("--calibration-fraction", type=float, default=0.25)
     arguments.add_argument("--batches", type=int, default=4, help="(b) measurement batches of the search")
+    arguments.add_argument("--points", type=lambda t: [float(v) for v in t.split(",")],
+                           default=[0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0], help="(b) search checkpoints")
     args = arguments.parse_args(argv)
+    vit = dict(STEP_VIT)
     if args.small:
-        args.steps, args.repeats, args.seeds, args.epochs = 3, 1, 1, 2
-        args.width, args.depth, args.batches = 32, 2, 2
+        args.steps, args.repeats, args.seeds, args.seeds_other, args.epochs = 2, 1, 1, 1, 2
+        args.width, args.depth, args.batches, args.points = 32, 2, 2, [0.0, 0.5, 1.0]
         args.methods = args.methods if args.methods != "simclr,mocov3,dino" else "simclr"
+        vit.update(embed_dim=32, depth=2)
     scratch = tempfile.mkdtemp(prefix="stacktrain-token-dropout-")
 
-    steps = step_times(args.steps, args.repeats, args.batch_size)
-    print(f"(a) classifier training loops of {args.steps} steps (batch {args.batch_size}, ViT 16 px / patch 2, "
-          f"{STEP_VIT['embed_dim']} wide, depth {STEP_VIT['depth']}), median of {args.repeats} runs, variants taking turns")
-    print(table(steps, ["step_cpu_ms", "cpu_ratio", "step_ms", "wall_ratio"]))
-    ours, theirs = steps["TokenDropout keep 0.5"], steps["timm patch_drop_rate 0.5"]
-    gap = {"cpu": ours["cpu_ratio"] - theirs["cpu_ratio"], "wall": ours["wall_ratio"] - theirs["wall_ratio"]}
-    print(f"keep 0.5: TokenDropout ratio - timm PatchDropout ratio = {gap['cpu']:+.3f} (CPU), {gap['wall']:+.3f} (wall)")
+    parts = set(args.parts.split(","))
+    steps: dict[str, Any] = {}
+    gap: dict[str, float] = {}
+    if "a" in parts:
+        steps = step_times(args.steps, args.repeats, args.batch_size, vit)
+        print(f"(a) classifier training loops of {args.steps} steps (batch {args.batch_size}, ViT 16 px / patch 2, "
+              f"{vit['embed_dim']} wide, depth {vit['depth']}), median of {args.repeats} runs, variants taking turns")
+        print(table(steps, ["step_cpu_ms", "cpu_ratio", "step_ms", "wall_ratio"]))
+        ours, theirs = steps["TokenDropout keep 0.5"], steps["timm patch_drop_rate 0.5"]
+        gap = {"cpu": ours["cpu_ratio"] - theirs["cpu_ratio"], "wall": ours["wall_ratio"] - theirs["wall_ratio"]}
+        print(f"keep 0.5: TokenDropout ratio - timm PatchDropout ratio = {gap['cpu']:+.3f} (CPU), "
+              f"{gap['wall']:+.3f} (wall)")
 
     accuracy: dict[str, Any] = {}
-    for method in [m for m in args.methods.split(",") if m]:
+    methods = [m for m in args.methods.split(",") if m] if "b" in parts else []
+    for method in methods:
         accuracy[method] = time_to_accuracy(method, args, scratch)
         row = accuracy[method]
         print(f"(b) {method}: target k-NN {row['target_knn_acc']:.4f}; schedule {row['schedule']} "

@@ -98,6 +98,7 @@ class TokenDropout(Technique):
         self.total_steps: int | None = None
         self.last = {"step": -1, "keep_ratio": 1.0, "patch_scale": 1}
         self._generator: torch.Generator | None = None
+        self._vit: torch.nn.Module | None = None
         self._logged = False
 
     # ------------------------------------------------------------------------------------ set-up
@@ -108,13 +109,23 @@ class TokenDropout(Technique):
         geometry_patch = _patch_size(vit)
         for scale in self.schedule.patch_scales:
             check_patch_scale(scale, _image_sizes(trainer, vit), geometry_patch, source=source)
-        if stage != "fit" or self.compression is not None or self.schedule.is_noop:
+        if stage != "fit" or self.compression is not None:
             return
+        self._vit = vit
         self._generator = torch.Generator(device=trainer.strategy.root_device)
         self._generator.manual_seed(self.seed)
+        self._install()
+
+    def _install(self) -> None:
+        """Put (or put back) the compression modules into the ViT for the current schedule."""
+        if self.compression is not None:
+            self.compression.remove()
+            self.compression = None
+        if self.schedule.is_noop or self._vit is None:
+            return
         self.compression = install_sequence_compression(
-            vit, patch_scaling=self.schedule.max_patch_scale > 1, patch_mode=self.patch_mode,  # type: ignore[arg-type]
-            generator=self._generator, ordered=self.ordered, source=source,
+            self._vit, patch_scaling=self.schedule.max_patch_scale > 1, patch_mode=self.patch_mode,  # type: ignore[arg-type]
+            generator=self._generator, ordered=self.ordered, source=type(self).__name__,
         )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -138,6 +149,8 @@ class TokenDropout(Technique):
         if stage == "fit" and self.compression is not None:
             self.compression.remove()
             self.compression = None
+        if stage == "fit":
+            self._vit = None
 
     # ------------------------------------------------------------------------------------ per step
     def compression_at(self, step: int) -> tuple[float, int]:
@@ -188,15 +201,20 @@ class TokenDropout(Technique):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = AccelerationSchedule.from_dict(state_dict["schedule"])
-        if saved != self.schedule:
+        saved_differs = saved != self.schedule
+        if saved_differs:
             rank_zero_warn(
                 f"TokenDropout: the checkpoint's schedule {saved.as_dict()} differs from the configured "
                 f"{self.schedule.as_dict()}; continuing the checkpoint's schedule so the run resumes exactly"
             )
             self.schedule = saved
+        mode = state_dict.get("patch_mode", self.patch_mode)
+        reinstall = saved_differs or mode != self.patch_mode
         self.seed = int(state_dict["seed"])
-        self.patch_mode = state_dict.get("patch_mode", self.patch_mode)
+        self.patch_mode = mode
         self.last = dict(state_dict["last"])
+        if reinstall and self._vit is not None:
+            self._install()
         # The generator is reseeded from (seed, rank, step, batch) at every batch: no state to restore.
 
 

@@ -249,6 +249,8 @@ def _load(config_path: str, overrides: Sequence[str]) -> tuple[LightningModule, 
     settings = {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
                 "gradient_clip_val": trainer.gradient_clip_val,
                 "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                "limit_train_batches": trainer.limit_train_batches,
+                "limit_val_batches": trainer.limit_val_batches,
                 "accelerator": trainer_config.get("accelerator", "auto"),
                 "precision": trainer_config.get("precision")}
     return cli.model, cli.datamodule, settings
@@ -310,6 +312,7 @@ def search_schedule(
         accelerator=settings["accelerator"], devices=1, callbacks=[probe], logger=False, enable_checkpointing=False,
         limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
         gradient_clip_val=settings["gradient_clip_val"], accumulate_grad_batches=settings["accumulate_grad_batches"],
+        limit_train_batches=settings["limit_train_batches"],
         **({"precision": settings["precision"]} if settings["precision"] else {}), **length,
     )
     start = time.process_time()

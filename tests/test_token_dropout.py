@@ -191,3 +191,17 @@ def test_two_processes_agree_on_the_schedule_and_weights_and_draw_different_mask
     assert first["last"] == second["last"] == {"step": 5, "keep_ratio": 1.0, "patch_scale": 1}  # 5/6 > 0.7
     assert not torch.equal(first["generator"], second["generator"])  # each rank its own masks
     assert "token_dropout" in (tmp_path / "report" / "efficiency.md").read_text()
+
+
+def test_resuming_with_another_configured_schedule_continues_the_checkpoints_schedule():
+    saved = TokenDropout(schedule=PHASES, seed=7).state_dict()
+    technique = TokenDropout(keep_ratio=0.5)  # configured differently, no patch scaling installed
+    model = classifier()
+    technique._vit, technique._generator = model.model, torch.Generator()
+    technique._install()
+    assert not technique.compression.patch_scaling
+    with pytest.warns(UserWarning, match="continuing the checkpoint's schedule"):
+        technique.load_state_dict(saved)
+    assert technique.schedule == TokenDropout(schedule=PHASES).schedule and technique.seed == 7
+    assert technique.compression.patch_scaling  # the checkpoint's schedule needs patch scaling: put in
+    technique.compression.set(0.5, 2)
