@@ -4,5 +4,6 @@ from .efficiency import EfficiencyReport
 from .grad_quant import GradientQuantization
 from .prune_regrow import PruneRegrow
 from .resume import ExactResume
+from .token_dropout import TokenDropout
 
-__all__ = ["EfficiencyReport", "ExactResume", "GradientQuantization", "PruneRegrow"]
+__all__ = ["EfficiencyReport", "ExactResume", "GradientQuantization", "PruneRegrow", "TokenDropout"]

@@ -3,6 +3,7 @@
 from .base import ImageDataModule, TensorImageDataset, image_transform
 from .digits import DigitsDataModule, digits_splits
 from .image_folder import ImageFolderDataModule
+from .multiview import MultiViewDataModule
 from .webdataset import WebDatasetDataModule, expand_shards
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "DigitsDataModule",
     "digits_splits",
     "ImageFolderDataModule",
+    "MultiViewDataModule",
     "WebDatasetDataModule",
     "expand_shards",
 ]

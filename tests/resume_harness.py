@@ -8,6 +8,11 @@ Every technique's tests use it::
 The stopped run saves its checkpoint with ``ModelCheckpoint(every_n_train_steps=k)`` inside the
 training loop, as a pre-empted job would have it; the resumed run starts from a different global
 seed, so whatever matches comes from the checkpoint.
+
+By default the stopped run is configured with ``max_steps=k``. Anything scheduled over the length
+of training (LR schedules, technique schedules that read ``estimated_stepping_batches``) then sees
+another run; ``same_length=True`` configures the stopped run with ``max_steps=N`` and interrupts it
+after step k instead, as a pre-empted job is.
 """
 
 from __future__ import annotations

@@ -30,3 +30,18 @@ def test_flops_by_module_names_submodules():
     assert per_module["Global"] == 2 * 3 * (4 * 6 + 6 * 2)
     assert per_module["Sequential.0"] == 2 * 3 * 4 * 6 and per_module["Sequential.2"] == 2 * 3 * 6 * 2
     assert model.training
+
+
+def test_cpu_fused_attention_is_counted():
+    """On CPU, F.scaled_dot_product_attention runs a fused kernel that torch's registry leaves out;
+    the shared counter adds it: QK^T and AV are 2 matmuls forward, 5 backward."""
+    batch, heads, length, dim = 2, 3, 5, 4
+    q, k, v = (torch.randn(batch, heads, length, dim, requires_grad=True) for _ in range(3))
+
+    class Attention(nn.Module):
+        def forward(self, q, k, v):
+            return nn.functional.scaled_dot_product_attention(q, k, v)
+
+    one_matmul = 2 * batch * heads * length * length * dim
+    assert forward_flops(Attention(), q, k, v) == 2 * one_matmul
+    assert training_flops(Attention(), lambda y: y.sum(), q, k, v) == 7 * one_matmul

@@ -8,9 +8,36 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-__all__ = ["forward_flops", "training_flops", "flops_by_module"]
+__all__ = ["forward_flops", "training_flops", "flops_by_module", "flop_counter"]
+
+_aten = torch.ops.aten
+#: Ops that torch's registry does not count but that carry real matmul FLOPs. On CPU,
+#: ``F.scaled_dot_product_attention`` (every timm ViT) runs the fused
+#: ``_scaled_dot_product_flash_attention_for_cpu`` kernel, which torch 2.x leaves out of the count, so
+#: attention would be missing from every CPU measurement. Same formulas as the CUDA kernels.
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args: Any, out_shape: Any = None,
+                            **kwargs: Any) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+EXTRA_FLOP_FORMULAS: dict[Any, Callable[..., int]] = {}
+if hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    EXTRA_FLOP_FORMULAS[_aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
+if hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+    EXTRA_FLOP_FORMULAS[_aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flop
+
+
+def flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` that also counts the CPU attention kernels (use it as a context manager)."""
+    return FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
 
 
 def forward_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:
@@ -18,7 +45,7 @@ def forward_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), flop_counter() as counter:
             model(*inputs, **kwargs)
     finally:
         model.train(was_training)
@@ -27,7 +54,7 @@ def forward_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:
 
 def training_flops(model: nn.Module, loss_fn: Callable[[Any], torch.Tensor], *inputs: Any) -> int:
     """FLOPs of one training step's forward and backward: ``loss_fn(model(*inputs)).backward()``."""
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         loss_fn(model(*inputs)).backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
@@ -38,7 +65,7 @@ def flops_by_module(model: nn.Module, *inputs: Any) -> dict[str, int]:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), flop_counter() as counter:
             model(*inputs)
     finally:
         model.train(was_training)

@@ -1,0 +1,251 @@
+"""Token dropout and patch scaling: what they save, measured on whole training runs in one process.
+
+(a) Training-step time of a ViT classifier on the digits (16 px / patch 2: 64 patch tokens) at keep
+    ratio 0.75 / 0.5 / 0.25 and at patch scale 2 (flexi and lower-resolution), against the full
+    sequence, with timm's own ``patch_drop_rate`` at the same rates beside `TokenDropout`. Each
+    variant is a whole training run of ``--steps`` steps; the variants take turns over ``--repeats``
+    rounds and the median is kept.
+(b) Time to accuracy of SimCLR (and MoCo v3, DINO) on the digits, configs/<method>_token_dropout.yaml:
+    the full-sequence baseline for ``--seeds`` seeds sets the target (the mean over seeds of the mean
+    of each run's last 3 k-NN evaluations); the schedule search (``--budget``) runs once; the
+    accelerated runs (same seeds, the searched schedule) stop as soon as their k-NN accuracy reaches the
+    target. Cost is the process CPU time of the training steps (EfficiencyReport; evaluation excluded),
+    wall time beside it. Ratios: accelerated time-to-target over the baseline's whole training time
+    (the acceptance figure) and over the baseline's own time to that target.
+
+    python benchmarks/token_dropout.py [--small] [--methods simclr,mocov3,dino] [--seeds 3] [--epochs 16]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import add_ratios, parser, table, time_variants, write_json  # noqa: E402
+from stacktrain.callbacks import EfficiencyReport, TokenDropout  # noqa: E402
+from stacktrain.datamodules import DigitsDataModule  # noqa: E402
+from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"simclr": "simclr_token_dropout.yaml", "mocov3": "mocov3_token_dropout.yaml", "dino": "dino_token_dropout.yaml"}
+STEP_VIT = dict(img_size=16, patch_size=2, embed_dim=96, depth=6, num_heads=4, mlp_ratio=2.0)
+
+
+# ------------------------------------------------------------------------------ (a) step time
+class LoopTimer(Callback):
+    """Wall and process CPU time of the training loop only (first to last step)."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self.start = (time.perf_counter(), time.process_time())
+
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self.wall = time.perf_counter() - self.start[0]
+        self.cpu = time.process_time() - self.start[1]
+
+
+def classifier_run(steps: int, batch_size: int, vit: dict, patch_drop_rate: float = 0.0, technique: dict | None = None):
+    def run() -> dict[str, float]:
+        torch.manual_seed(0)
+        model = ImageClassifier("vit_tiny_patch16_224", in_chans=1, model_kwargs=dict(vit, patch_drop_rate=patch_drop_rate))
+        timer = LoopTimer()
+        callbacks: list[Callback] = [timer]
+        if technique is not None:
+            callbacks.append(TokenDropout(**technique))
+        trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          callbacks=callbacks)
+        trainer.fit(model, DigitsDataModule(batch_size=batch_size))
+        return {"wall_s": timer.wall, "cpu_s": timer.cpu}
+    return run
+
+
+def step_times(steps: int, repeats: int, batch_size: int, vit: dict) -> dict[str, dict[str, float]]:
+    variants = {"full sequence": classifier_run(steps, batch_size, vit)}
+    for keep in (0.75, 0.5, 0.25):
+        variants[f"TokenDropout keep {keep}"] = classifier_run(steps, batch_size, vit, technique=dict(keep_ratio=keep))
+        variants[f"timm patch_drop_rate {1 - keep:g}"] = classifier_run(steps, batch_size, vit, patch_drop_rate=1 - keep)
+    variants["TokenDropout patch scale 2 (flexi)"] = classifier_run(
+        steps, batch_size, vit, technique=dict(keep_ratio=1.0, patch_scale=2, patch_mode="flexi"))
+    variants["TokenDropout patch scale 2 (resolution)"] = classifier_run(
+        steps, batch_size, vit, technique=dict(keep_ratio=1.0, patch_scale=2, patch_mode="resolution"))
+    timings = add_ratios(time_variants(variants, repeats), "full sequence")
+    for row in timings.values():
+        row["step_ms"] = 1000 * row["wall_s"] / steps
+        row["step_cpu_ms"] = 1000 * row["cpu_s"] / steps
+    return timings
+
+
+# ------------------------------------------------------------------------------ (b) time to accuracy
+class KnnCurve(Callback):
+    """After every validation: (epoch, step, k-NN accuracy, cumulative training-step CPU and wall time);
+    stops the run once the accuracy reaches ``target``."""
+
+    def __init__(self, report: EfficiencyReport, target: float | None = None) -> None:
+        self.report = report
+        self.target = target
+        self.points: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking or "val/knn_acc" not in trainer.callback_metrics:
+            return
+        accuracy = float(trainer.callback_metrics["val/knn_acc"])
+        self.points.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "knn_acc": accuracy,
+                            "cpu_s": self.report.step_cpu_s, "wall_s": self.report.step_wall_s})
+        if self.target is not None and accuracy >= self.target:
+            trainer.should_stop = True
+
+
+def overrides_for(config: str, args: Any) -> list[str]:
+    """Command-line overrides of the config: the number of epochs and, if asked, the ViT's width/depth."""
+    import yaml
+
+    extra = ["--trainer.max_epochs", str(args.epochs)]
+    if args.small:  # a smoke test: a few batches per epoch
+        extra += ["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2"]
+    if args.width or args.depth:
+        kwargs = dict(yaml.safe_load(Path(config).read_text())["model"]["init_args"]["model_kwargs"])
+        kwargs.update({k: v for k, v in (("embed_dim", args.width), ("depth", args.depth)) if v})
+        extra += ["--model.init_args.model_kwargs", json.dumps(kwargs)]
+    return extra
+
+
+def ssl_run(config: str, seed: int, overrides: list[str], scratch: str, schedule_file: str | None = None,
+            target: float | None = None) -> dict[str, Any]:
+    from stacktrain.search_schedule import _load
+
+    model, datamodule, settings = _load(config, [*overrides, "--seed_everything", str(seed)])
+    seed_everything(seed)
+    report = EfficiencyReport(dirpath=scratch)
+    curve = KnnCurve(report, target)
+    callbacks: list[Callback] = [report, curve]
+    if schedule_file is not None:
+        callbacks.insert(0, TokenDropout(schedule_file=schedule_file))
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=settings["max_epochs"], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=settings["limit_train_batches"],
+                      limit_val_batches=settings["limit_val_batches"])
+    trainer.fit(model, datamodule)
+    flops = report.lines.get(("token_dropout", "train FLOPs/step"))
+    return {"seed": seed, "curve": curve.points, "steps": trainer.global_step, "cpu_s": report.step_cpu_s,
+            "wall_s": report.step_wall_s, "vit_flops_ratio": flops.ratio if flops else 1.0}
+
+
+def first_reaching(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:
+    return next((point for point in curve if point["knn_acc"] >= target - 1e-9), None)
+
+
+def time_to_accuracy(method: str, args: Any, scratch: str) -> dict[str, Any]:
+    from stacktrain.search_schedule import search_schedule
+
+    config = str(REPO / "configs" / CONFIGS[method])
+    overrides = overrides_for(config, args)
+    seeds = list(range(args.seeds if method == "simclr" else args.seeds_other))
+    baselines = [ssl_run(config, seed, overrides, scratch) for seed in seeds]
+    finals = [statistics.mean(p["knn_acc"] for p in run["curve"][-3:]) for run in baselines]
+    target = statistics.mean(finals)
+    schedule_path = str(Path(scratch) / f"{method}_schedule.yaml")
+    search_start = time.process_time()
+    searched = search_schedule(config, args.budget, schedule_path, calibration_fraction=args.calibration_fraction,
+                               batches=args.batches, points=args.points, overrides=overrides, plot=True)
+    search_cpu = time.process_time() - search_start
+    phases = TokenDropout(schedule_file=schedule_path).schedule.as_dict()["phases"]
+    accelerated = [ssl_run(config, seed, overrides, scratch, schedule_path, target) for seed in seeds]
+
+    baseline_cpu = statistics.mean(run["cpu_s"] for run in baselines)
+    baseline_wall = statistics.mean(run["wall_s"] for run in baselines)
+    own = [first_reaching(run["curve"], target) for run in baselines]
+    reached = [first_reaching(run["curve"], target) for run in accelerated]
+    row: dict[str, Any] = {
+        "target_knn_acc": target, "baseline_final_knn_acc": finals, "baseline_cpu_s": baseline_cpu,
+        "baseline_wall_s": baseline_wall, "schedule": phases, "schedule_expected_cost": searched["expected_cost"],
+        "search_cpu_s": search_cpu, "reached": sum(r is not None for r in reached), "seeds": len(seeds),
+        "accelerated_final_knn_acc": [run["curve"][-1]["knn_acc"] for run in accelerated],
+        "accelerated_vit_flops_ratio": [run["vit_flops_ratio"] for run in accelerated],
+    }
+    if all(r is not None for r in reached):
+        accel_cpu = statistics.mean(r["cpu_s"] for r in reached)  # type: ignore[index]
+        accel_wall = statistics.mean(r["wall_s"] for r in reached)  # type: ignore[index]
+        row.update(accelerated_cpu_s_to_target=accel_cpu, accelerated_wall_s_to_target=accel_wall,
+                   cpu_ratio=accel_cpu / baseline_cpu, wall_ratio=accel_wall / baseline_wall,
+                   per_seed_cpu_ratio=[r["cpu_s"] / b["cpu_s"] for r, b in zip(reached, baselines)])  # type: ignore[index]
+        if all(o is not None for o in own):
+            own_cpu = statistics.mean(o["cpu_s"] for o in own)  # type: ignore[index]
+            row.update(baseline_cpu_s_to_target=own_cpu, cpu_ratio_vs_baseline_time_to_target=accel_cpu / own_cpu)
+    row["runs"] = {"baseline": baselines, "accelerated": accelerated}
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    arguments = parser(__doc__.split("\n\n")[0])
+    arguments.add_argument("--parts", default="a,b", help="which parts to run: a (step time), b (time to accuracy)")
+    arguments.add_argument("--steps", type=int, default=20, help="(a) training steps per run")
+    arguments.add_argument("--repeats", type=int, default=3, help="(a) rounds of whole runs")
+    arguments.add_argument("--batch-size", type=int, default=64, help="(a) batch size")
+    arguments.add_argument("--methods", default="simclr,mocov3,dino", help="(b) comma-separated; '' to skip (b)")
+    arguments.add_argument("--seeds", type=int, default=3, help="(b) seeds of SimCLR")
+    arguments.add_argument("--seeds-other", type=int, default=1, help="(b) seeds of MoCo v3 and DINO")
+    arguments.add_argument("--epochs", type=int, default=16, help="(b) training epochs of the baseline")
+    arguments.add_argument("--width", type=int, default=64, help="(b) ViT width (0: the config's)")
+    arguments.add_argument("--depth", type=int, default=4, help="(b) ViT depth (0: the config's)")
+    arguments.add_argument("--budget", type=float, default=0.3, help="(b) schedule search budget")
+    arguments.add_argument("--calibration-fraction", type=float, default=0.25)
+    arguments.add_argument("--batches", type=int, default=4, help="(b) measurement batches of the search")
+    arguments.add_argument("--points", type=lambda t: [float(v) for v in t.split(",")],
+                           default=[0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0], help="(b) search checkpoints")
+    args = arguments.parse_args(argv)
+    vit = dict(STEP_VIT)
+    if args.small:
+        args.steps, args.repeats, args.seeds, args.seeds_other, args.epochs = 2, 1, 1, 1, 2
+        args.width, args.depth, args.batches, args.points = 32, 2, 2, [0.0, 0.5, 1.0]
+        args.methods = args.methods if args.methods != "simclr,mocov3,dino" else "simclr"
+        vit.update(embed_dim=32, depth=2)
+    scratch = tempfile.mkdtemp(prefix="stacktrain-token-dropout-")
+
+    parts = set(args.parts.split(","))
+    steps: dict[str, Any] = {}
+    gap: dict[str, float] = {}
+    if "a" in parts:
+        steps = step_times(args.steps, args.repeats, args.batch_size, vit)
+        print(f"(a) classifier training loops of {args.steps} steps (batch {args.batch_size}, ViT 16 px / patch 2, "
+              f"{vit['embed_dim']} wide, depth {vit['depth']}), median of {args.repeats} runs, variants taking turns")
+        print(table(steps, ["step_cpu_ms", "cpu_ratio", "step_ms", "wall_ratio"]))
+        ours, theirs = steps["TokenDropout keep 0.5"], steps["timm patch_drop_rate 0.5"]
+        gap = {"cpu": ours["cpu_ratio"] - theirs["cpu_ratio"], "wall": ours["wall_ratio"] - theirs["wall_ratio"]}
+        print(f"keep 0.5: TokenDropout ratio - timm PatchDropout ratio = {gap['cpu']:+.3f} (CPU), "
+              f"{gap['wall']:+.3f} (wall)")
+
+    accuracy: dict[str, Any] = {}
+    methods = [m for m in args.methods.split(",") if m] if "b" in parts else []
+    for method in methods:
+        accuracy[method] = time_to_accuracy(method, args, scratch)
+        row = accuracy[method]
+        print(f"(b) {method}: target k-NN {row['target_knn_acc']:.4f}; schedule {row['schedule']} "
+              f"(expected cost {row['schedule_expected_cost']}); reached by {row['reached']}/{row['seeds']} seeds"
+              + (f"; time to target / baseline time: CPU {row['cpu_ratio']:.3f}, wall {row['wall_ratio']:.3f}"
+                 if "cpu_ratio" in row else ""))
+    if accuracy:
+        summary = {m: {k: r.get(k, "not reached") for k in ("target_knn_acc", "reached", "cpu_ratio", "wall_ratio",
+                                                            "cpu_ratio_vs_baseline_time_to_target", "baseline_cpu_s",
+                                                            "search_cpu_s")}
+                   for m, r in accuracy.items()}
+        print(table(summary, ["target_knn_acc", "reached", "cpu_ratio", "wall_ratio",
+                              "cpu_ratio_vs_baseline_time_to_target", "baseline_cpu_s", "search_cpu_s"]))
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    path = write_json("token_dropout", {"settings": settings, "step_time": steps, "keep_0.5_gap_to_timm": gap,
+                                        "time_to_accuracy": accuracy}, args.out)
+    print(f"written {path}")
+    return {"step_time": steps, "gap": gap, "time_to_accuracy": accuracy}
+
+
+if __name__ == "__main__":
+    main()

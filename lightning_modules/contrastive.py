@@ -1,0 +1,372 @@
+"""Self-supervised pretraining of any timm ViT (or other timm backbone): `SimCLR`, `MoCoV3`, `DINO`.
+
+They train on ``(views, labels)`` batches of `stacktrain.datamodules.MultiViewDataModule` (labels
+unused) and report a weighted k-NN accuracy of the frozen backbone features every validation epoch,
+``val/knn_acc`` (torchmetrics): the bank is the un-augmented training set, the queries the validation
+set, both given by the same data module. The objectives are in `stacktrain.functional.contrastive`.
+
+EMA teachers / momentum encoders are deep copies made at construction and frozen, so a technique that
+looks for "the trainable ViT" (`stacktrain.callbacks.TokenDropout`) finds the student backbone and the
+teacher keeps seeing full sequences. Teachers are updated at the start of each training step, from
+the weights the previous optimizer step produced (the same sequence of updates as updating right
+after each optimizer step).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from stacktrain.errors import StackError, require_number
+from stacktrain.functional.contrastive import (
+    DINOHead,
+    bn_mlp,
+    cosine_momentum,
+    dino_loss,
+    ema_update,
+    knn_predict,
+    moco_contrastive_loss,
+    nt_xent_loss,
+)
+from stacktrain.models import check_input_shape, create_timm_model
+from stacktrain.optim import configure_optimization, weight_decay_groups
+
+__all__ = ["ContrastiveLearner", "SimCLR", "MoCoV3", "DINO"]
+
+
+class ContrastiveLearner(LightningModule):
+    """Shared part of the SSL modules: the backbone, the optimizer, the data checks and the k-NN evaluation.
+
+    Args:
+        model_name: any timm model (a ViT for token dropout), built with ``num_classes=0`` (features).
+        in_chans: input channels (1 for grayscale digits).
+        model_kwargs: more ``timm.create_model`` arguments (``img_size``, ``patch_size``, ``embed_dim``...).
+        pretrained: a local weights file for the backbone.
+        num_classes: classes of the labelled data, for the k-NN evaluation only.
+        knn_k: neighbours of the k-NN evaluation.
+        knn_temperature: temperature of the k-NN vote weights.
+        optimizer: optimizer factory (default AdamW).
+        lr_scheduler: optional scheduler factory (e.g. OneCycleLR: warmup + cosine).
+        scheduler_interval: step the scheduler every optimizer "step" or every "epoch".
+    """
+
+    #: global (full-size) views the objective needs per image
+    required_views = 2
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch16_224",
+        in_chans: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        num_classes: int = 10,
+        knn_k: int = 20,
+        knn_temperature: float = 0.07,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+    ) -> None:
+        super().__init__()
+        source = type(self).__name__
+        require_number(num_classes, "num_classes", source=source, low=2, integer=True)
+        require_number(knn_k, "knn_k", source=source, low=1, integer=True)
+        require_number(knn_temperature, "knn_temperature", source=source, low=0.0, low_inclusive=False)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.backbone = create_timm_model(
+            model_name, num_classes=0, in_chans=in_chans, pretrained=pretrained, model_kwargs=model_kwargs,
+            source=source,
+        )
+        self.feature_dim = int(self.backbone.num_features)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        self.knn_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.global_views = 2
+        self._features: dict[str, list[torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------------------------- checks
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is None:
+            return
+        source = type(self).__name__
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and int(data_classes) != self.hparams.num_classes:
+            raise StackError(
+                f"the k-NN evaluation expects {self.hparams.num_classes} classes but the data has {data_classes}",
+                source=source, key="model.init_args.num_classes", value=self.hparams.num_classes,
+                fix=f"set model.init_args.num_classes: {data_classes}",
+            )
+        image_shape = getattr(datamodule, "image_shape", None)
+        if image_shape is not None:
+            check_input_shape(self.backbone, image_shape, source=source)
+        if stage != "fit":
+            return
+        self.global_views = int(getattr(datamodule, "global_views", 0))
+        if self.global_views < self.required_views:
+            raise StackError(
+                f"needs {self.required_views} augmented views of each training image, but the data module "
+                f"{type(datamodule).__name__} gives (images, labels) batches"
+                + (f" with {self.global_views} views" if self.global_views else ""),
+                source=source, key="data", value=type(datamodule).__name__,
+                fix="wrap the data module: data: {class_path: stacktrain.datamodules.MultiViewDataModule, "
+                    "init_args: {base: <your data module>, global_views: 2}}",
+            )
+        sizes = getattr(datamodule, "view_sizes", [])
+        if len({tuple(s) for s in sizes}) > 1 and not _accepts_any_size(self.backbone):
+            raise StackError(
+                f"the data has views of several sizes {sorted({tuple(s) for s in sizes})} (multi-crop) but the "
+                "backbone takes one image size",
+                source=source, key="model.init_args.model_kwargs.dynamic_img_size", value=False,
+                fix="set model.init_args.model_kwargs.dynamic_img_size: true (timm ViT), or local_views: 0",
+            )
+
+    # ----------------------------------------------------------------------------------- training
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features (what the k-NN evaluation and downstream tasks use)."""
+        return self.backbone(images)
+
+    def objective(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The self-supervised loss of one batch of views (global views first)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        views, _ = batch
+        loss = self.objective(list(views))
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return configure_optimization(self, self.optimizer_factory, self.scheduler_factory, self.scheduler_interval,
+                                      params=weight_decay_groups(self))
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the run (for momentum and temperature schedules)."""
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        total = trainer.estimated_stepping_batches
+        return int(total) if total != float("inf") else 1
+
+    def _gather(self, tensor: torch.Tensor, sync_grads: bool = False) -> tuple[torch.Tensor | None, int]:
+        """All ranks' rows of ``tensor`` and this rank's offset in them (``None`` on one process)."""
+        if self.trainer.world_size <= 1:
+            return None, 0
+        gathered = self.all_gather(tensor, sync_grads=sync_grads)
+        return gathered.flatten(0, 1), self.trainer.global_rank * tensor.shape[0]
+
+    # ----------------------------------------------------------------------------------- k-NN
+    def _collect(self, batch: Any, dataloader_idx: int, loaders: int) -> None:
+        images, labels = batch
+        role = "bank" if loaders > 1 and dataloader_idx == 0 else "query"
+        self._features.setdefault(role, []).append(self.backbone(images).float())
+        self._features.setdefault(f"{role}_labels", []).append(labels)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect(batch, dataloader_idx, len(self.trainer.num_val_batches))
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect(batch, dataloader_idx, len(self.trainer.num_test_batches))
+
+    def on_validation_epoch_start(self) -> None:
+        self._features = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._features = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_knn("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_knn("test")
+
+    def _log_knn(self, prefix: str) -> None:
+        features, self._features = self._features, {}
+        if not features.get("query"):
+            return
+        queries, query_labels = torch.cat(features["query"]), torch.cat(features["query_labels"])
+        exclude_self = "bank" not in features
+        if exclude_self:
+            rank_zero_warn(f"{type(self).__name__}: no feature bank loader; k-NN within the {prefix} set itself "
+                           "(leave-one-out). Use MultiViewDataModule for the training-set bank.")
+            bank, bank_labels = queries, query_labels
+        else:
+            bank, bank_labels = torch.cat(features["bank"]), torch.cat(features["bank_labels"])
+        if self.trainer.world_size > 1:
+            bank = self.all_gather(bank).flatten(0, 1)
+            bank_labels = self.all_gather(bank_labels).flatten(0, 1)
+            if exclude_self:
+                exclude_self = False  # the local queries' rows are somewhere in the gathered bank
+                rank_zero_warn("leave-one-out k-NN under DDP counts each query's own feature")
+        scores = knn_predict(queries, bank, bank_labels, self.hparams.num_classes, self.hparams.knn_k,
+                             self.hparams.knn_temperature,
+                             exclude_self=exclude_self)
+        self.knn_accuracy.update(scores.argmax(dim=1), query_labels)
+        accuracy = self.knn_accuracy.compute()
+        self.knn_accuracy.reset()
+        self.log(f"{prefix}/knn_acc", accuracy, prog_bar=True)
+
+
+def _accepts_any_size(backbone: nn.Module) -> bool:
+    return bool(getattr(backbone, "dynamic_img_size", False)) or not hasattr(backbone, "patch_embed")
+
+
+class SimCLR(ContrastiveLearner):
+    """SimCLR (Chen et al. 2020): both views through the backbone and a BN-MLP projector, NT-Xent loss.
+
+    Args:
+        projection_dim: output size of the projector.
+        hidden_dim: hidden size of the projector.
+        projector_layers: linear layers of the projector.
+        temperature: NT-Xent temperature.
+        gather_distributed: under DDP, use the other ranks' embeddings as negatives too (with gradients),
+            so 2 processes x B behave like one process with 2B.
+        **kwargs: `ContrastiveLearner` arguments (backbone, optimizer, k-NN).
+    """
+
+    def __init__(self, projection_dim: int = 128, hidden_dim: int = 512, projector_layers: int = 2,
+                 temperature: float = 0.2, gather_distributed: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        require_number(temperature, "temperature", source="SimCLR", low=0.0, low_inclusive=False)
+        self.projector = bn_mlp(self.feature_dim, hidden_dim, projection_dim, projector_layers)
+        self.temperature = temperature
+        self.gather_distributed = gather_distributed
+
+    def objective(self, views: list[torch.Tensor]) -> torch.Tensor:
+        z1, z2 = self.projector(self.backbone(torch.cat(views[:2]))).chunk(2)
+        if self.gather_distributed:
+            z1_all, offset = self._gather(z1, sync_grads=True)
+            z2_all, _ = self._gather(z2, sync_grads=True)
+            return nt_xent_loss(z1, z2, self.temperature, z1_all, z2_all, offset)
+        return nt_xent_loss(z1, z2, self.temperature)
+
+
+class MoCoV3(ContrastiveLearner):
+    """MoCo v3 (Chen, Xie, He 2021): a query encoder (backbone, projector, predictor) against a momentum
+    encoder (EMA of backbone and projector), symmetric InfoNCE, keys of all ranks as negatives.
+
+    Args:
+        projection_dim: output size of projector and predictor.
+        hidden_dim: hidden size of projector and predictor.
+        temperature: InfoNCE temperature (0.2 for ViTs in the paper).
+        base_momentum: EMA momentum at the start, rising to 1 along a half cosine.
+        **kwargs: `ContrastiveLearner` arguments.
+    """
+
+    def __init__(self, projection_dim: int = 128, hidden_dim: int = 512, temperature: float = 0.2,
+                 base_momentum: float = 0.99, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        require_number(temperature, "temperature", source="MoCoV3", low=0.0, low_inclusive=False)
+        require_number(base_momentum, "base_momentum", source="MoCoV3", low=0.0, high=1.0)
+        self.projector = bn_mlp(self.feature_dim, hidden_dim, projection_dim, layers=3, last_bn=True)
+        self.predictor = bn_mlp(projection_dim, hidden_dim, projection_dim, layers=2, last_bn=False)
+        self.momentum_backbone = _frozen_copy(self.backbone)
+        self.momentum_projector = _frozen_copy(self.projector)
+        self.temperature = temperature
+        self.base_momentum = base_momentum
+
+    def objective(self, views: list[torch.Tensor]) -> torch.Tensor:
+        momentum = cosine_momentum(self.trainer.global_step, self.total_steps(), self.base_momentum)
+        ema_update(self.momentum_backbone, self.backbone, momentum)
+        ema_update(self.momentum_projector, self.projector, momentum)
+        images = torch.cat(views[:2])
+        q1, q2 = self.predictor(self.projector(self.backbone(images))).chunk(2)
+        with torch.no_grad():
+            k1, k2 = self.momentum_projector(self.momentum_backbone(images)).chunk(2)
+        k1_all, offset = self._gather(k1)
+        k2_all, _ = self._gather(k2)
+        return (moco_contrastive_loss(q1, k2, self.temperature, k2_all, offset)
+                + moco_contrastive_loss(q2, k1, self.temperature, k1_all, offset))
+
+
+class DINO(ContrastiveLearner):
+    """DINO (Caron et al. 2021): a student (backbone + DINO head) matches an EMA teacher's centred,
+    sharpened outputs across views; multi-crop when the data module gives local views (the backbone
+    then needs ``dynamic_img_size: true``).
+
+    Args:
+        out_dim: prototypes of the head's last layer.
+        hidden_dim: hidden size of the head's MLP.
+        bottleneck_dim: size before the prototypes.
+        student_temperature: student softmax temperature.
+        teacher_temperature: teacher softmax temperature (sharpening) after warm-up.
+        warmup_teacher_temperature: teacher temperature at the start.
+        teacher_temperature_warmup: fraction of training over which it rises linearly.
+        center_momentum: EMA momentum of the centre of teacher outputs.
+        base_momentum: teacher EMA momentum at the start, rising to 1 along a half cosine.
+        freeze_last_layer_steps: optimizer steps during which the prototypes are not updated.
+        **kwargs: `ContrastiveLearner` arguments.
+    """
+
+    def __init__(self, out_dim: int = 1024, hidden_dim: int = 512, bottleneck_dim: int = 128,
+                 student_temperature: float = 0.1, teacher_temperature: float = 0.04,
+                 warmup_teacher_temperature: float = 0.04, teacher_temperature_warmup: float = 0.0,
+                 center_momentum: float = 0.9, base_momentum: float = 0.996, freeze_last_layer_steps: int = 0,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for key, value in (("student_temperature", student_temperature), ("teacher_temperature", teacher_temperature),
+                           ("warmup_teacher_temperature", warmup_teacher_temperature)):
+            require_number(value, key, source="DINO", low=0.0, low_inclusive=False)
+        require_number(teacher_temperature_warmup, "teacher_temperature_warmup", source="DINO", low=0.0, high=1.0)
+        require_number(center_momentum, "center_momentum", source="DINO", low=0.0, high=1.0)
+        require_number(base_momentum, "base_momentum", source="DINO", low=0.0, high=1.0)
+        self.head = DINOHead(self.feature_dim, out_dim, hidden_dim, bottleneck_dim)
+        self.teacher_backbone = _frozen_copy(self.backbone)
+        self.teacher_head = _frozen_copy(self.head)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.student_temperature = student_temperature
+        self.teacher_temperature = teacher_temperature
+        self.warmup_teacher_temperature = warmup_teacher_temperature
+        self.teacher_temperature_warmup = teacher_temperature_warmup
+        self.center_momentum = center_momentum
+        self.base_momentum = base_momentum
+        self.freeze_last_layer_steps = freeze_last_layer_steps
+
+    def teacher_temperature_at(self, step: int) -> float:
+        warmup = self.teacher_temperature_warmup * self.total_steps()
+        if step >= warmup:
+            return self.teacher_temperature
+        return self.warmup_teacher_temperature + (self.teacher_temperature - self.warmup_teacher_temperature) * step / warmup
+
+    def objective(self, views: list[torch.Tensor]) -> torch.Tensor:
+        step = self.trainer.global_step
+        momentum = cosine_momentum(step, self.total_steps(), self.base_momentum)
+        ema_update(self.teacher_backbone, self.backbone, momentum)
+        ema_update(self.teacher_head, self.head, momentum)
+        n_global = self.global_views
+        global_images = torch.cat(views[:n_global])
+        with torch.no_grad():
+            teacher = self.teacher_head(self.teacher_backbone(global_images)).chunk(n_global)
+        student = list(self.head(self.backbone(global_images)).chunk(n_global))
+        local = views[n_global:]
+        if local:
+            student += list(self.head(self.backbone(torch.cat(local))).chunk(len(local)))
+        loss = dino_loss(student, teacher, self.center, self.student_temperature, self.teacher_temperature_at(step))
+        self._update_center(torch.cat(teacher))
+        return loss
+
+    @torch.no_grad()
+    def _update_center(self, teacher_output: torch.Tensor) -> None:
+        batch_center = teacher_output.mean(dim=0, keepdim=True)
+        batch_center = self.trainer.strategy.reduce(batch_center, reduce_op="mean")
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step < self.freeze_last_layer_steps:
+            for parameter in self.head.last_layer.parameters():
+                parameter.grad = None
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    frozen = copy.deepcopy(module)
+    for parameter in frozen.parameters():
+        parameter.requires_grad = False
+    return frozen
