@@ -15,3 +15,6 @@ __all__ = [
     "WebDatasetDataModule",
     "expand_shards",
 ]
+from .shapes import SHAPES, ShapesDataModule, ShapesTextDataModule
+
+__all__ += ["SHAPES", "ShapesDataModule", "ShapesTextDataModule"]
