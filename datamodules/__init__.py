@@ -18,3 +18,6 @@ __all__ = [
 from .shapes import SHAPES, ShapesDataModule, ShapesTextDataModule
 
 __all__ += ["SHAPES", "ShapesDataModule", "ShapesTextDataModule"]
+from .image_text import ImageTextWebDataModule
+
+__all__ += ["ImageTextWebDataModule"]

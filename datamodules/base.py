@@ -7,12 +7,13 @@ Batches are ``(images, labels)``: ``images`` a float32 tensor ``[B, C, H, W]``, 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import v2
 
@@ -89,11 +90,46 @@ class EpochSampler(DistributedSampler):
     """The training order as a function of (seed, epoch) only, split over DDP ranks (one rank when
     not distributed). It yields ``(epoch, index)`` so that `SeededSamples` can seed each sample's
     random augmentation. Being a ``DistributedSampler``, Lightning keeps it under DDP and calls its
-    ``set_epoch``."""
+    ``set_epoch``.
+
+    Its state (the epoch and how far it got) travels with the ``StatefulDataLoader``'s: on resume
+    Lightning rebuilds the loader's iterator *before* calling ``set_epoch``, so a sampler that did
+    not carry its epoch would replay epoch 0's order in a later epoch. A run stopped on an epoch's
+    last batch resumes with the next epoch from its start: the epoch is read when the first sample
+    is drawn (after ``set_epoch`` when the loader has no workers), and a saved position that leaves
+    no batch (``batch_size``, ``drop_incomplete_batch``, set by the loader's builder) means the
+    epoch was over.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.yielded = 0
+        self.batch_size = 1
+        self.drop_incomplete_batch = False
+        self._resume: tuple[int, int] | None = None
 
     def __iter__(self):
-        epoch = self.epoch
-        return ((epoch, index) for index in super().__iter__())
+        resume, self._resume = self._resume, None
+        return self._indices(resume)
+
+    def _indices(self, resume: tuple[int, int] | None):
+        epoch = self.epoch  # a generator: this runs when the first sample is drawn
+        start = resume[1] if resume is not None and resume[0] == epoch else 0
+        self.yielded = start
+        for index in itertools.islice(super().__iter__(), start, None):
+            self.yielded += 1
+            yield (epoch, index)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "yielded": int(self.yielded)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        epoch, yielded = int(state_dict["epoch"]), int(state_dict["yielded"])
+        remaining = self.num_samples - yielded
+        if remaining <= 0 or (self.drop_incomplete_batch and remaining < self.batch_size):
+            epoch, yielded = epoch + 1, 0
+        self.epoch = epoch
+        self._resume = (epoch, yielded)
 
 
 class SeededSamples(Dataset):
@@ -127,7 +163,7 @@ class ImageDataModule(LightningDataModule):
 
     Training data is deterministic: its order depends on ``seed`` and the epoch only (`EpochSampler`,
     split over DDP ranks), random augmentation on (seed, epoch, sample) only (`SeededSamples`), and
-    the loaders are torchdata ``StatefulDataLoader``s whose position Lightning saves in checkpoints,
+    the training loader is a torchdata ``StatefulDataLoader`` whose position Lightning saves in checkpoints,
     so a run resumed mid-epoch sees exactly the batches the uninterrupted run would have seen.
     Subclasses set ``random_transforms`` when their training transform is random.
     """
@@ -158,7 +194,7 @@ class ImageDataModule(LightningDataModule):
         self.class_names: list[str] = []
         self.image_shape: tuple[int, int, int] | None = None
 
-    def _loader(self, dataset: Dataset | None, *, train: bool) -> StatefulDataLoader:
+    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
         if dataset is None:
             raise StackError(
                 "has no data for this stage", source=type(self).__name__, fix="call setup() first or check the split"
@@ -168,16 +204,19 @@ class ImageDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
         )
         if not train:
-            return StatefulDataLoader(dataset, shuffle=False, **common)
+            # A plain loader: every evaluation starts from the first batch. A stateful one would let
+            # Lightning resume an evaluation cut short by limit_val_batches where it stopped.
+            return DataLoader(dataset, shuffle=False, **common)
         trainer = self.trainer
         distributed = trainer is not None and trainer.world_size > 1
         sampler = EpochSampler(
             dataset, num_replicas=trainer.world_size if distributed else 1,
             rank=trainer.global_rank if distributed else 0, shuffle=True, seed=self.seed,
         )
+        sampler.batch_size, sampler.drop_incomplete_batch = self.batch_size, len(sampler) >= self.batch_size
         return StatefulDataLoader(
             SeededSamples(dataset, self.seed, self.random_transforms), sampler=sampler,
-            drop_last=len(sampler) >= self.batch_size,
+            drop_last=sampler.drop_incomplete_batch,
             # worker base seeds from here, not from the global generator (see ExactResume)
             generator=torch.Generator().manual_seed(self.seed), **common,
         )
@@ -185,11 +224,11 @@ class ImageDataModule(LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> StatefulDataLoader:
+    def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
 
-    def test_dataloader(self) -> StatefulDataLoader:
+    def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
 
-    def predict_dataloader(self) -> StatefulDataLoader:
+    def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)

@@ -351,6 +351,7 @@ class ShapesTextDataModule(LightningDataModule):
         distributed = trainer is not None and trainer.world_size > 1
         sampler = EpochSampler(self.train_set, num_replicas=trainer.world_size if distributed else 1,
                                rank=trainer.global_rank if distributed else 0, shuffle=True, seed=self.seed)
+        sampler.batch_size, sampler.drop_incomplete_batch = self.batch_size, True
         if len(sampler) < self.batch_size:
             raise StackError(
                 f"gives each process {len(sampler)} samples per epoch, less than one batch of {self.batch_size}",

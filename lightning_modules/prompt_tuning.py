@@ -115,8 +115,8 @@ class PromptTunedCLIP(LightningModule):
 
     Args:
         model_name: an open_clip model config ("ViT-B-32", or "stacktrain-tiny-clip" offline).
-        pretrained: CLIP weights: a released tag (e.g. "openai", downloaded by open_clip) or a local
-            weights file (e.g. written by `CLIPPretraining`). None keeps random towers (tests only).
+        pretrained: CLIP weights (required): a released tag (e.g. "openai", downloaded by open_clip)
+            or a local weights file (e.g. written by `CLIPPretraining`).
         model_kwargs: extra keyword arguments for ``open_clip.create_model`` (``force_image_size``...).
         class_names: names used in the prompts, in label order (default: the data's ``class_names``;
             if given, they must equal the data's names, or name classes the data only numbers).
@@ -181,9 +181,13 @@ class PromptTunedCLIP(LightningModule):
                                  key=f"{_KEY}.zero_shot_templates", value=template, fix="write e.g. 'a photo of a {}.'")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.templates = templates
-        self.model = create_clip_model(model_name, pretrained, model_kwargs, source=source)
         if not pretrained:
-            rank_zero_warn(f"{source}: no pretrained weights: the towers are random, zero-shot is at chance")
+            raise StackError(
+                "is needed: prompt tuning adapts a pretrained CLIP", source=source, key=f"{_KEY}.pretrained",
+                value=pretrained, fix="pass a released tag such as 'openai' (downloaded by open_clip) or a weights "
+                "file, e.g. the open_clip_weights.pt written by configs/clip_pretrain_tiny.yaml",
+            )
+        self.model = create_clip_model(model_name, pretrained, model_kwargs, source=source)
         self.model.requires_grad_(False)
         self.tokenizer = clip_tokenizer(model_name)
         self.prompt = PromptLearner(
@@ -485,22 +489,34 @@ class PromptTunedCLIP(LightningModule):
 
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the frozen towers out when they come from ``pretrained`` (the checkpoint holds the
-        prompt, a few kB, instead of the whole CLIP); record the training samples and the baseline."""
-        if self.hparams.pretrained:
-            for key in [k for k in checkpoint["state_dict"] if k.startswith("model.")]:
-                del checkpoint["state_dict"][key]
+        """Leave the frozen towers out: they come from ``pretrained`` (the checkpoint holds the prompt,
+        a few kB, instead of the whole CLIP); record the training samples and the baseline."""
+        for key in [k for k in checkpoint["state_dict"] if k.startswith("model.")]:
+            del checkpoint["state_dict"][key]
         checkpoint[NAME] = {
+            "towers": self._towers_fingerprint(),
             "class_names": list(self.class_names),
             "selection": dict(self.selection) if self.selection is not None else None,
             "zero_shot_accuracy": self.zero_shot_accuracy,
         }
 
+    def _towers_fingerprint(self) -> list[float]:
+        """Sums of the frozen weights: a resumed prompt must meet the towers it was tuned on."""
+        with torch.no_grad():
+            return [float(sum(p.double().sum() for p in self.model.parameters())),
+                    float(sum(p.double().abs().sum() for p in self.model.parameters()))]
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get(NAME, {})
-        if self.hparams.pretrained:  # the frozen towers come from `pretrained`, as when they were saved
-            own = {k: v for k, v in self.state_dict().items() if k.startswith("model.")}
-            checkpoint["state_dict"].update({k: v for k, v in own.items() if k not in checkpoint["state_dict"]})
+        if "towers" in state and state["towers"] != self._towers_fingerprint():
+            raise StackError(
+                "holds weights other than those the checkpoint's prompt was tuned on", source=type(self).__name__,
+                key=f"{_KEY}.pretrained", value=self.hparams.pretrained,
+                fix="resume with the pretrained weights (and model_name) of the checkpoint's run",
+            )
+        # the frozen towers come from `pretrained`, as when the checkpoint was saved
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("model.")}
+        checkpoint["state_dict"].update({k: v for k, v in own.items() if k not in checkpoint["state_dict"]})
         names = state.get("class_names")
         if names and not self.prompt.class_names:
             self.prompt.bind_classes(self.model, self.tokenizer, names)
