@@ -9,6 +9,7 @@ included) finds them before ``create_model`` / ``get_tokenizer``.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -113,8 +114,10 @@ def create_clip_model(
         ) from error
 
 
+@functools.lru_cache(maxsize=8)
 def clip_tokenizer(model_name: str) -> Any:
-    """The tokenizer of ``model_name`` (works offline for CLIP's own BPE tokenizer)."""
+    """The tokenizer of ``model_name`` (works offline for CLIP's own BPE tokenizer). Built once per
+    process and name: reading the BPE merges takes a noticeable fraction of a second."""
     register_model_configs()
     return open_clip.get_tokenizer(model_name)
 
