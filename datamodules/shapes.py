@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import v2
 
@@ -70,9 +70,9 @@ _TEMPLATES = [
     "a {shape}, {colour}, {size}",
     "a {size} {colour} {shape} on a dark background",
 ]
-#: Seed streams: pretraining and the classification view never share an image.
 #: Bump when the rendering or the captions change: cached pretrained models are keyed by it.
 DATA_VERSION = 1
+#: Seed streams: pretraining and the classification view never share an image.
 SPLIT_IDS = {"pretrain_train": 0, "pretrain_val": 1, "train": 10, "val": 11, "test": 12}
 
 
@@ -364,11 +364,12 @@ class ShapesTextDataModule(LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def val_dataloader(self) -> StatefulDataLoader | list:
+    def val_dataloader(self) -> DataLoader | list:
         if not self.val_size:
             return []
-        return StatefulDataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=_collate_captions,
-                                  num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        # a plain loader: every validation starts from the first batch, also after a resume
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=_collate_captions,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
 
 class ShapesDataModule(ImageDataModule):
