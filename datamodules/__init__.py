@@ -17,3 +17,9 @@ __all__ = [
     "WebDatasetDataModule",
     "expand_shards",
 ]
+from .shapes import SHAPES, ShapesDataModule, ShapesTextDataModule
+
+__all__ += ["SHAPES", "ShapesDataModule", "ShapesTextDataModule"]
+from .image_text import ImageTextWebDataModule
+
+__all__ += ["ImageTextWebDataModule"]

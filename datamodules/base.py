@@ -94,18 +94,28 @@ class EpochSampler(DistributedSampler):
 
     Its state (the epoch and how far it got) travels with the ``StatefulDataLoader``'s: on resume
     Lightning rebuilds the loader's iterator *before* calling ``set_epoch``, so a sampler that did
-    not carry its epoch would replay epoch 0's order in a later epoch.
+    not carry its epoch would replay epoch 0's order in a later epoch. A run stopped on an epoch's
+    last batch resumes with the next epoch from its start: the epoch is read when the first sample
+    is drawn (after ``set_epoch`` when the loader has no workers), and a saved position that leaves
+    no batch (``batch_size``, ``drop_incomplete_batch``, set by the loader's builder) means the
+    epoch was over.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.yielded = 0
-        self._resume_at = 0
+        self.batch_size = 1
+        self.drop_incomplete_batch = False
+        self._resume: tuple[int, int] | None = None
 
     def __iter__(self):
-        start, self._resume_at = self._resume_at, 0
+        resume, self._resume = self._resume, None
+        return self._indices(resume)
+
+    def _indices(self, resume: tuple[int, int] | None):
+        epoch = self.epoch  # a generator: this runs when the first sample is drawn
+        start = resume[1] if resume is not None and resume[0] == epoch else 0
         self.yielded = start
-        epoch = self.epoch
         for index in itertools.islice(super().__iter__(), start, None):
             self.yielded += 1
             yield (epoch, index)
@@ -114,8 +124,12 @@ class EpochSampler(DistributedSampler):
         return {"epoch": int(self.epoch), "yielded": int(self.yielded)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self.epoch = int(state_dict["epoch"])
-        self._resume_at = int(state_dict["yielded"])
+        epoch, yielded = int(state_dict["epoch"]), int(state_dict["yielded"])
+        remaining = self.num_samples - yielded
+        if remaining <= 0 or (self.drop_incomplete_batch and remaining < self.batch_size):
+            epoch, yielded = epoch + 1, 0
+        self.epoch = epoch
+        self._resume = (epoch, yielded)
 
 
 class SeededSamples(Dataset):
@@ -199,9 +213,10 @@ class ImageDataModule(LightningDataModule):
             dataset, num_replicas=trainer.world_size if distributed else 1,
             rank=trainer.global_rank if distributed else 0, shuffle=True, seed=self.seed,
         )
+        sampler.batch_size, sampler.drop_incomplete_batch = self.batch_size, len(sampler) >= self.batch_size
         return StatefulDataLoader(
             SeededSamples(dataset, self.seed, self.random_transforms), sampler=sampler,
-            drop_last=len(sampler) >= self.batch_size,
+            drop_last=sampler.drop_incomplete_batch,
             # worker base seeds from here, not from the global generator (see ExactResume)
             generator=torch.Generator().manual_seed(self.seed), **common,
         )

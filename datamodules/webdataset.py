@@ -203,6 +203,9 @@ class WebDatasetDataModule(ImageDataModule):
         mean, std: normalization (default: dataset.json, else 0.5 / 0.5).
     """
 
+    #: The stream of one split; subclasses yield other sample types (e.g. captions instead of classes).
+    stream_class: type[ShardStream] = ShardStream
+
     def __init__(
         self,
         train_shards: str,
@@ -297,7 +300,7 @@ class WebDatasetDataModule(ImageDataModule):
             train=train, image_size=int(self.image_size), channels=self.channels, mean=self.mean, std=self.std,
             augment=self.augment,
         )
-        stream = ShardStream(
+        stream = self.stream_class(
             urls, transform=transform, image_key=self.image_key, label_key=self.label_key, train=train,
             rank=rank, world_size=world, num_workers=self.num_workers, batch_size=self.batch_size,
             samples_per_rank=self.epoch_length // world if train else None,

@@ -75,3 +75,15 @@ def test_every_validation_starts_from_the_first_batch_after_resume(tmp_path, tin
     )
     # full run validates at 5 and 10, the stopped run at 5, the resumed run at 10: same batches each time
     assert len(seen) == 4 and all(s == seen[0] for s in seen)
+
+
+def test_resume_from_an_epochs_last_batch_is_exact(tmp_path, tiny_vit_kwargs):
+    """Stopped on the last batch of epoch 0, of a full epoch (4 batches, the incomplete fifth dropped)
+    and of an epoch shortened by limit_train_batches: the resumed run goes on with epoch 1 from its
+    first batch instead of skipping it."""
+    for batch_size, limit, stop_at in ((256, 1.0, 4), (64, 5, 5)):
+        runs = stop_and_resume(
+            make_module(tiny_vit_kwargs), lambda: DigitsDataModule(batch_size=batch_size, augment=True), list,
+            total=stop_at + 2, stop_at=stop_at, root=tmp_path / str(stop_at), limit_train_batches=limit,
+        )
+        assert_resumed_exactly(runs)
