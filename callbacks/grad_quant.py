@@ -16,7 +16,7 @@ import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from stacktrain.errors import StackError, require_choice, require_number
@@ -345,6 +345,12 @@ class GradientQuantization(Technique):
         # Lightning restores callbacks after setup and before the model moves to its device: keep the
         # state until fit starts, then put it where the model is.
         self.seed = int(state_dict["seed"])
+        changed = [f"{key}: {state_dict[key]!r} -> {getattr(self, key)!r}"
+                   for key in ("bits", "compensation", "communication_bits")
+                   if key in state_dict and state_dict[key] != getattr(self, key)]
+        if changed:
+            rank_zero_warn(f"stacktrain: grad_quant: resuming with other settings than the checkpoint's "
+                           f"({'; '.join(changed)}); state that no longer applies is dropped")
         self.bytes_history = [list(row) for row in state_dict.get("bytes_history", [])]
         self._loaded = state_dict
 
@@ -355,6 +361,11 @@ class GradientQuantization(Technique):
         if self.quantizer is not None and self.quantizer.error_feedback and state.get("residuals_by_rank"):
             per_rank = state["residuals_by_rank"]
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            if world != len(per_rank):
+                rank_zero_warn(f"stacktrain: grad_quant: the checkpoint holds error-feedback residuals of "
+                               f"{len(per_rank)} processes and this run has {world}: rank r continues "
+                               f"the residuals of saved rank r mod {len(per_rank)}")
             self.quantizer.load_state_dict({"residuals": per_rank[rank % len(per_rank)]})
         if self.hypernet is not None and "hypernet" in state:
             self.hypernet.load_state_dict(state["hypernet"], device=device)
