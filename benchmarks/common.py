@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,3 +102,14 @@ def parser(description: str) -> argparse.ArgumentParser:
     arguments.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/<name>.json)")
     arguments.add_argument("--small", action="store_true", help="a quick run (for run_all and smoke tests)")
     return arguments
+
+
+class LoopTimer(Callback):
+    """Wall and process CPU time of the training loop only (first to last step)."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self.start = (time.perf_counter(), time.process_time())
+
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        self.wall = time.perf_counter() - self.start[0]
+        self.cpu = time.process_time() - self.start[1]

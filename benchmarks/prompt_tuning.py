@@ -33,7 +33,7 @@ from lightning.pytorch import Callback, Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.clip_cache import TINY_PRETRAINING, cached_clip  # noqa: E402
-from benchmarks.common import add_ratios, parser, table, time_variants, write_json  # noqa: E402
+from benchmarks.common import LoopTimer, add_ratios, parser, table, time_variants, write_json  # noqa: E402
 from stacktrain.datamodules import ShapesDataModule  # noqa: E402
 from stacktrain.functional.clip import (  # noqa: E402
     clip_logits,
@@ -48,17 +48,6 @@ NOISE_RATES = (0.0, 0.125, 0.25, 0.5)
 LOSSES = ("ce", "gce")
 #: The small mode: a micro CLIP pretrained for a few steps; numbers only show that everything runs.
 SMALL_PRETRAINING = dict(TINY_PRETRAINING, model_name="stacktrain-micro-clip", steps=10, batch_size=32)
-
-
-class LoopTimer(Callback):
-    """Wall and process CPU time of the training loop only (first to last step)."""
-
-    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
-        self.start = (time.perf_counter(), time.process_time())
-
-    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
-        self.wall = time.perf_counter() - self.start[0]
-        self.cpu = time.process_time() - self.start[1]
 
 
 def tune(weights: str, model_name: str, data: ShapesDataModule, *, steps: int, lr: float, seed: int,

@@ -31,7 +31,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_ratios, parser, table, time_variants, write_json  # noqa: E402
+from benchmarks.common import LoopTimer, add_ratios, parser, table, time_variants, write_json  # noqa: E402
 from stacktrain.callbacks import EfficiencyReport, TokenDropout  # noqa: E402
 from stacktrain.datamodules import DigitsDataModule  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
@@ -42,17 +42,6 @@ STEP_VIT = dict(img_size=16, patch_size=2, embed_dim=96, depth=6, num_heads=4, m
 
 
 # ------------------------------------------------------------------------------ (a) step time
-class LoopTimer(Callback):
-    """Wall and process CPU time of the training loop only (first to last step)."""
-
-    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
-        self.start = (time.perf_counter(), time.process_time())
-
-    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
-        self.wall = time.perf_counter() - self.start[0]
-        self.cpu = time.process_time() - self.start[1]
-
-
 def classifier_run(steps: int, batch_size: int, vit: dict, patch_drop_rate: float = 0.0, technique: dict | None = None):
     def run() -> dict[str, float]:
         torch.manual_seed(0)
