@@ -7,7 +7,7 @@ For every seed, both training modes train the same backbone for the same epochs;
   * the wall time of real early-exit inference at a 50% FLOPs budget against the full network
     (every stage and the last head), whole passes over the test set, alternating, median of repeats.
 
-    python benchmarks/early_exit.py [--backbone resnet18] [--seeds 0 1 2] [--epochs 8] [--small]
+    python benchmarks/early_exit.py [--backbone resnet18|vit|<timm name>] [--seeds 0 1 2] [--epochs 8] [--small]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +28,9 @@ from stacktrain.datamodules import DigitsDataModule, ImageFolderDataModule  # no
 from stacktrain.lightning_modules import BoostedEarlyExit  # noqa: E402
 
 BUDGETS = (0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
+#: ``--backbone vit``: a small timm ViT whose blocks cost the same, so wall time follows FLOPs on a CPU
+#: (a ResNet's stem at 32 px takes a larger share of the time than of the FLOPs).
+SMALL_VIT = ("vit_tiny_patch16_224", dict(patch_size=4, embed_dim=96, depth=8, num_heads=4, mlp_ratio=2.0))
 
 
 def make_data(args):
@@ -38,12 +42,15 @@ def make_data(args):
 def train(args, mode: str, seed: int):
     seed_everything(seed)
     in_chans = 3 if args.cifar100 else 1
+    backbone, backbone_kwargs = args.backbone, None
+    if backbone == "vit":
+        backbone, backbone_kwargs = SMALL_VIT[0], dict(SMALL_VIT[1], img_size=32 if args.cifar100 else args.image_size)
     module = BoostedEarlyExit(
-        args.backbone, in_chans=in_chans, num_classes=100 if args.cifar100 else 10, training=mode,
+        backbone, in_chans=in_chans, backbone_kwargs=backbone_kwargs, num_classes=100 if args.cifar100 else 10, training=mode,
         budgets=BUDGETS, predict_budget=0.5,
         optimizer=lambda params: torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=2e-3, total_steps=args.steps, pct_start=0.15),
+        # the trainer fills in total_steps (stacktrain.optim.build_scheduler)
+        lr_scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=2e-3, pct_start=0.15),
     )
     data = make_data(args)
     trainer = Trainer(
@@ -96,14 +103,19 @@ def time_inference(module: BoostedEarlyExit, data, repeats: int) -> dict:
 
 def main(argv=None) -> dict:
     arguments = parser(__doc__.split("\n\n")[0])
-    arguments.add_argument("--backbone", default="resnet18")
+    arguments.add_argument("--backbone", default="resnet18",
+                           help="a timm model name, or 'vit' (a small ViT: patch 4, width 96, depth 8)")
     arguments.add_argument("--image-size", type=int, default=32)
     arguments.add_argument("--epochs", type=int, default=8)
     arguments.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     arguments.add_argument("--repeats", type=int, default=15)
     arguments.add_argument("--cifar100", default=None, help="folder holding cifar-100-python/ (optional)")
     arguments.add_argument("--root", default="runs/bench_early_exit")
+    arguments.add_argument("--threads", type=int, default=1,
+                           help="torch threads (default 1: steadier ratios on a machine shared with other jobs)")
     args = arguments.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     args.steps, args.limit_batches = -1, 1.0
     if args.small:
         args.backbone, args.seeds, args.epochs, args.repeats = "resnet10t", [0], 1, 2
