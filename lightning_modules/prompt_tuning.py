@@ -205,6 +205,8 @@ class PromptTunedCLIP(LightningModule):
         self.zero_shot_accuracy: float | None = None
         self.selection_stats: dict[str, float] = {}
         self.step_costs: dict[str, tuple[float, float, str]] = {}
+        #: FLOPs per training step outside the visual tower (read by TokenDropout's cost report)
+        self.step_flops_outside_vit = 0.0
         self._eval_text: torch.Tensor | None = None
         self._metrics_for(max(2, len(self.class_names)))
 
@@ -397,6 +399,9 @@ class PromptTunedCLIP(LightningModule):
                 self._loss(logits, torch.zeros(batch, dtype=torch.long, device=self.device)).backward()
         visual = visual_counter.get_total_flops() * batch
         actual = step_counter.get_total_flops() + (0 if self.hparams.cache_features else visual)
+        # what a step spends besides the visual tower (text tower forward and backward, logits, loss):
+        # TokenDropout, shortening the visual tower's sequence, reports its ratio over the whole step
+        self.step_flops_outside_vit = float(step_counter.get_total_flops())
         baseline = 3 * (visual + text_counter.get_total_flops())
         total = sum(p.numel() for p in self.model.parameters()) + self.prompt.ctx.numel()
         self.step_costs = {
