@@ -11,9 +11,9 @@ the only thing it takes from stacktrain is the callbacks. It trains two small mo
 
       callbacks=[PruneRegrow(target_flops_ratio=0.5, update_unit="step"), GradientQuantization(bits=4)]
 
-Run it (a couple of minutes on one CPU core; ``--steps 3`` for a smoke test)::
+Run it (about a minute on one CPU core; ``--steps 3`` for a smoke test)::
 
-    python examples/attach_to_existing.py [--steps 150]
+    python examples/attach_to_existing.py [--steps 300]
 
 Each technique logs under its own name (``token_dropout/keep_ratio``, ``grad_quant/rel_error_weights``,
 ``prune_regrow/flops_ratio`` ...) through the module's logger, like any ``self.log``.
@@ -75,7 +75,7 @@ class Classifier(pl.LightningModule):
 
 def small_vit() -> nn.Module:
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, in_chans=1, img_size=16,
-                             patch_size=2, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
+                             patch_size=4, embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
 
 
 def small_cnn() -> nn.Module:
@@ -98,7 +98,7 @@ def fit(net: nn.Module, callbacks: list[pl.Callback], steps: int) -> float:
 # ----------------------------------------------------------------------------- adding the techniques
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per model")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per model")
     args = parser.parse_args(argv)
     pl.seed_everything(0)
 
