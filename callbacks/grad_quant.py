@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from stacktrain.errors import StackError, require_choice, require_number
+from stacktrain.functional.compaction import slice_like
 from stacktrain.functional.metagrad import HYPERNET_INPUTS, MetaGradCompensation
 from stacktrain.functional.quantize import (
     ACTIVATION_LAYERS,
@@ -199,6 +200,8 @@ class GradientQuantization(Technique):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         self._rank = trainer.global_rank
+        if self.active:
+            self._follow_parameters(pl_module)
         if self.hypernet is not None:
             self.hypernet.to(pl_module.device)
         if self._loaded is not None:
@@ -211,6 +214,35 @@ class GradientQuantization(Technique):
                 f"({self.targets}), compensation {self.compensation}, communication "
                 f"{'fp32' if self.comm is None else f'{self.comm.bits}-bit all-gather'}"
             )
+
+    def _follow_parameters(self, pl_module: LightningModule) -> None:
+        """Hook the model's current trainable parameters (their tensors may have been replaced since
+        setup: a compacted checkpoint restored, or PruneRegrow's compaction)."""
+        named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        current = {id(p): name for name, p in named}
+        if current == self._params:
+            return
+        self._params = current
+        if self.quantizer is not None:
+            residuals, pending = self.quantizer.residuals, self.quantizer._pending
+            self.quantizer.attach(pl_module)  # detaches the old hooks first; keeps the residuals
+            self.quantizer.residuals, self.quantizer._pending = residuals, pending
+
+    def on_parameters_replaced(
+        self, trainer: Trainer, pl_module: LightningModule, keep: Any
+    ) -> None:
+        """PruneRegrow compacted the model: hook the new (smaller) parameters, cut the per-parameter
+        state (error-feedback residuals, the hypernetwork's last gradients) to the kept channels, and
+        register the k-bit communication hook on the re-wrapped DDP model."""
+        if self.quantizer is not None:
+            self.quantizer.residuals = _cut(self.quantizer.residuals, keep)
+            self.quantizer._pending = _cut(self.quantizer._pending, keep)
+        if self.hypernet is not None:
+            self.hypernet.cut(keep)
+        self._follow_parameters(pl_module)
+        if self.comm is not None:
+            self.comm = None
+            self._register_comm_hook(trainer)
 
     def _register_comm_hook(self, trainer: Trainer) -> None:
         model = trainer.strategy.model
@@ -369,3 +401,8 @@ class GradientQuantization(Technique):
             self.quantizer.load_state_dict({"residuals": per_rank[rank % len(per_rank)]})
         if self.hypernet is not None and "hypernet" in state:
             self.hypernet.load_state_dict(state["hypernet"], device=device)
+
+
+def _cut(tensors: dict[str, torch.Tensor], keep: Any) -> dict[str, torch.Tensor]:
+    """Per-parameter tensors (by name) cut to the positions ``keep`` kept along each shrunk dimension."""
+    return {name: slice_like(value, value.shape, keep.get(name, {})) for name, value in tensors.items()}

@@ -25,7 +25,16 @@ from stacktrain.functional.channel_selection import (
 from stacktrain.functional.compact_loader import config_from_state_dict, channel_config, resize_modules
 from stacktrain.functional.compaction import compact_network, remap_optimizer
 from stacktrain.functional.flops import forward_flops
-from stacktrain.stack import FLOPS_PER_STEP, INFERENCE_FLOPS, STACK_ORDER, Technique, run_dir, step_generator, unique_path
+from stacktrain.stack import (
+    FLOPS_PER_STEP,
+    INFERENCE_FLOPS,
+    STACK_ORDER,
+    Technique,
+    notify_parameters_replaced,
+    run_dir,
+    step_generator,
+    unique_path,
+)
 
 __all__ = ["PruneRegrow"]
 
@@ -360,6 +369,8 @@ class PruneRegrow(Technique):
             strategy.model = pl_module  # re-wrap the smaller module, as DDPStrategy.setup does
             strategy.configure_ddp()
         self.refresh_optimizer_hooks(trainer, pl_module)
+        # the other techniques (gradient hooks, per-parameter state, DDP comm hooks) follow the new tensors
+        notify_parameters_replaced(trainer, pl_module, keep, source=self)
         self.layer_sizes = channel_config(pl_module, reference=dense_sizes)
         self.compact_flops = forward_flops(pl_module, example)
         self.compacted = True

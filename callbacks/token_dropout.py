@@ -56,7 +56,12 @@ class TokenDropout(Technique):
         ordered: keep the kept tokens in their original order.
 
     Logs ``token_dropout/keep_ratio``, ``token_dropout/patch_scale`` and ``token_dropout/tokens_per_sample``
-    every step; reports the ViT's training FLOPs per step and tokens per sample to `EfficiencyReport`.
+    every step; reports the training FLOPs per step and tokens per sample to `EfficiencyReport`. The
+    ViT's FLOPs are counted forward and backward, or forward only when no gradient flows through it
+    (a frozen tower, e.g. in `PromptTunedCLIP`: dropping its tokens still saves forward compute). A
+    module whose training step also spends FLOPs outside the ViT says so with a
+    ``step_flops_outside_vit`` attribute (FLOPs per step); they are added to both sides of the
+    FLOPs line, so its ratio is over the whole step and compounds with the module's own line.
     """
 
     name = "token_dropout"
@@ -185,7 +190,12 @@ class TokenDropout(Technique):
         if compression is None or compression.drop.samples == 0:
             return
         drop = compression.drop
-        self.report_cost(trainer, FLOPS_PER_STEP, baseline=drop.flops_full, actual=drop.flops, unit="FLOP")
+        # The ratio must be over the whole step for the report to compound it with the module's own
+        # line: a module whose step spends FLOPs outside this ViT (PromptTunedCLIP's text tower) says
+        # how many, and they count on both sides.
+        outside = float(getattr(pl_module, "step_flops_outside_vit", 0.0) or 0.0)
+        self.report_cost(trainer, FLOPS_PER_STEP, baseline=drop.flops_full + outside, actual=drop.flops + outside,
+                         unit="FLOP")
         self.report_cost(trainer, TOKENS_PER_SAMPLE, baseline=drop.tokens_full / drop.samples,
                          actual=drop.tokens / drop.samples)
 

@@ -161,8 +161,24 @@ class BoostedEarlyExit(LightningModule):
                 key="model.init_args.input_shape", value=None, fix="set input_shape: [C, H, W] or use a stacktrain data module",
             )
         check_input_shape(self.network, shape, source=type(self).__name__)
+        self._cost_shape = tuple(int(v) for v in shape)
         if float(self.segment_flops.sum()) == 0.0:
             self.measure_costs(shape)
+        self._measured_structure = self._structure()
+
+    def _structure(self) -> tuple[tuple[int, ...], ...]:
+        """The parameters' shapes: what the FLOPs of the exits depend on."""
+        return tuple(tuple(p.shape) for p in self.network.parameters())
+
+    def refresh_costs(self) -> None:
+        """Measure the exits' FLOPs again if the network changed shape since they were measured (e.g.
+        channels removed by PruneRegrow), so exit policies, budgets and reports use the real costs."""
+        shape = getattr(self, "_cost_shape", None)
+        structure = self._structure()
+        if shape is None or structure == getattr(self, "_measured_structure", None):
+            return
+        self.measure_costs(shape)
+        self._measured_structure = structure
 
     # ------------------------------------------------------------------------------------ model
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -208,8 +224,12 @@ class BoostedEarlyExit(LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._outputs = []
+        self.refresh_costs()
 
     on_test_epoch_start = on_validation_epoch_start
+
+    def on_predict_epoch_start(self) -> None:
+        self.refresh_costs()
 
     def _log_anytime(self, prefix: str, confidence, predicted, labels, ensemble) -> torch.Tensor:
         accuracy = anytime_accuracy(predicted, labels)

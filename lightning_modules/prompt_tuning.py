@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import Dataset
-from torch.utils.flop_counter import FlopCounterMode
+from stacktrain.functional.flops import flop_counter
 from torchmetrics.classification import MulticlassAccuracy
 
 from stacktrain.errors import StackError, require_choice, require_number
@@ -205,6 +205,8 @@ class PromptTunedCLIP(LightningModule):
         self.zero_shot_accuracy: float | None = None
         self.selection_stats: dict[str, float] = {}
         self.step_costs: dict[str, tuple[float, float, str]] = {}
+        #: FLOPs per training step outside the visual tower (read by TokenDropout's cost report)
+        self.step_flops_outside_vit = 0.0
         self._eval_text: torch.Tensor | None = None
         self._metrics_for(max(2, len(self.class_names)))
 
@@ -385,18 +387,21 @@ class PromptTunedCLIP(LightningModule):
         shape = getattr(datamodule, "image_shape", None) or (3, *self.model.visual.image_size)
         image = torch.zeros(1, *shape, device=self.device)
         with _evaluating(self.model), torch.random.fork_rng(devices=[]):
-            with torch.no_grad(), FlopCounterMode(display=False) as visual_counter:
+            with torch.no_grad(), flop_counter() as visual_counter:
                 features = encode_images(self.model, image)
-            with torch.no_grad(), FlopCounterMode(display=False) as text_counter:
+            with torch.no_grad(), flop_counter() as text_counter:
                 self.model.encode_text(self.prompt.tokenized_prompts)
             # a detached copy of the context: no gradient hook of the parameter (DDP, other techniques) fires
             ctx = self.prompt.ctx.detach().clone().requires_grad_(True)
-            with FlopCounterMode(display=False) as step_counter:
+            with flop_counter() as step_counter:
                 text = self.prompt.encode(self.model, ctx=ctx)
                 logits = clip_logits(features.expand(batch, -1), text, self.model.logit_scale)
                 self._loss(logits, torch.zeros(batch, dtype=torch.long, device=self.device)).backward()
         visual = visual_counter.get_total_flops() * batch
         actual = step_counter.get_total_flops() + (0 if self.hparams.cache_features else visual)
+        # what a step spends besides the visual tower (text tower forward and backward, logits, loss):
+        # TokenDropout, shortening the visual tower's sequence, reports its ratio over the whole step
+        self.step_flops_outside_vit = float(step_counter.get_total_flops())
         baseline = 3 * (visual + text_counter.get_total_flops())
         total = sum(p.numel() for p in self.model.parameters()) + self.prompt.ctx.numel()
         self.step_costs = {

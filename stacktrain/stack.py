@@ -37,6 +37,7 @@ __all__ = [
     "CostLine",
     "arrange_stack",
     "techniques_of",
+    "notify_parameters_replaced",
     "report_cost",
     "run_dir",
     "unique_path",
@@ -145,6 +146,14 @@ class Technique(Callback):
     ) -> None:
         """Called after every optimizer step that really happened, in stack order."""
 
+    def on_parameters_replaced(
+        self, trainer: Trainer, pl_module: LightningModule, keep: Mapping[str, Mapping[int, torch.Tensor]]
+    ) -> None:
+        """Called when another technique replaced the model's parameters mid-run (PruneRegrow's
+        compaction: smaller tensors under the same names, DDP re-wrapped). ``keep`` gives, per
+        parameter name, the positions kept along each shrunk dimension. Techniques holding hooks on
+        parameters, per-parameter state or a DDP communication hook re-attach and cut them here."""
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         _runtime(trainer).attach_optimizer_hooks(trainer, pl_module)
 
@@ -245,6 +254,17 @@ def report_cost(
         if isinstance(callback, EfficiencySink):
             callback.record(technique, quantity, baseline=baseline, actual=actual, unit=unit, count=count,
                             replace=replace)
+
+
+def notify_parameters_replaced(
+    trainer: Trainer, pl_module: LightningModule, keep: Mapping[str, Mapping[int, torch.Tensor]],
+    source: Technique | None = None,
+) -> None:
+    """Tell every technique of ``trainer`` (but ``source``, which did it), in stack order, that the
+    model's parameters were replaced (`Technique.on_parameters_replaced`)."""
+    for technique in techniques_of(trainer):
+        if technique is not source:
+            technique.on_parameters_replaced(trainer, pl_module, keep)
 
 
 def techniques_of(trainer: Trainer) -> list[Technique]:

@@ -272,7 +272,8 @@ class EarlyExitNetwork(nn.Module):
         segment_flops, head_flops = [], []
         was_training = self.training
         self.eval()
-        features = torch.zeros(1, *image_shape)
+        parameter = next(self.parameters(), None)
+        features = torch.zeros(1, *image_shape, device=parameter.device if parameter is not None else None)
         with torch.no_grad():
             for segment, head in zip(self.backbone.segments, self.heads):
                 segment_flops.append(forward_flops(segment, features))

@@ -35,9 +35,31 @@ if hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
     EXTRA_FLOP_FORMULAS[_aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flop
 
 
+class _Counter(FlopCounterMode):
+    """``FlopCounterMode`` with ``nn.MultiheadAttention``'s fused inference fast path turned off while
+    counting: that path (``_native_multi_head_attention``, taken in eval mode without gradients, e.g.
+    by open_clip's towers) is one op the counter has no formula for, so a frozen CLIP tower's
+    attention and projections would count as zero. The slow path computes the same result."""
+
+    def __enter__(self) -> _Counter:
+        mha = getattr(torch.backends, "mha", None)
+        self._fastpath = mha.get_fastpath_enabled() if mha is not None else None
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
+        return super().__enter__()
+
+    def __exit__(self, *args: Any) -> Any:
+        try:
+            return super().__exit__(*args)
+        finally:
+            if self._fastpath is not None:
+                torch.backends.mha.set_fastpath_enabled(self._fastpath)
+
+
 def flop_counter() -> FlopCounterMode:
-    """A ``FlopCounterMode`` that also counts the CPU attention kernels (use it as a context manager)."""
-    return FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+    """A ``FlopCounterMode`` that also counts the CPU attention kernels and ``nn.MultiheadAttention``
+    in inference (use it as a context manager)."""
+    return _Counter(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
 
 
 def forward_flops(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:

@@ -29,7 +29,7 @@ function (a learned, symmetric shrinkage/expansion of gradient values).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -182,6 +182,21 @@ class MetaGradCompensation:
 
     def rollback(self) -> None:
         """The step was skipped: the weights did not move, so the next loss says nothing about it."""
+        self._pending = {}
+
+    def cut(self, keep: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
+        """The model's tensors were compacted (channels removed): cut the last step's gradients and
+        weights to the positions ``keep`` kept along each shrunk dimension, so the next loss still
+        differentiates through the update of every remaining weight."""
+        from stacktrain.functional.compaction import slice_like
+
+        for name, item in self.previous.items():
+            dims = keep.get(name, {})
+            if not dims:
+                continue
+            item.grad = slice_like(item.grad, item.grad.shape, dims)
+            if item.context is not None:
+                item.context = slice_like(item.context, item.context.shape, dims)
         self._pending = {}
 
     # ------------------------------------------------------------------ state (tensors, numbers only)

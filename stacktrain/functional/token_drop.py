@@ -505,7 +505,9 @@ def install_sequence_compression(
             restore.append((vit, "_embeds", _DELETE))
             vit._embeds = types.MethodType(_open_clip_embeds_any_grid, vit)
     drop = RandomTokenDrop(prefix, generator=generator, ordered=ordered, cost_model=cost_model)
-    drop.train(vit.training)
+    # the mode of the slot it takes over, which its owner may keep apart from the ViT's: a frozen tower
+    # in eval mode whose dropout slot follows training (PromptTunedCLIP) drops tokens in training steps
+    drop.train(existing.training)
     restore.insert(0, (vit, drop_attribute, existing))
     setattr(vit, drop_attribute, drop)
     return SequenceCompression(vit, family, drop, conv, restore, cost_model, patch_mode)

@@ -1,0 +1,212 @@
+"""The three stack configs (configs/stack_*.yaml) as 2 CPU processes under DDP, and the fixes stacking
+needed: techniques follow PruneRegrow's compaction, early exits re-measure their FLOPs on the pruned
+network, token dropout works in PromptTunedCLIP's frozen visual tower and reports over the whole step."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+from torch import nn
+
+from conftest import CONFIGS
+from ddp_harness import assert_states_equal, check, load_rank_states, run_ddp
+from stacktrain.callbacks import EfficiencyReport, GradientQuantization, PruneRegrow, TokenDropout
+from stacktrain.datamodules import DigitsDataModule, ShapesDataModule
+from stacktrain.functional.clip import create_clip_model
+from stacktrain.functional.flops import flop_counter
+from stacktrain.functional.metagrad import MetaGradCompensation
+from stacktrain.functional.token_drop import install_sequence_compression
+from stacktrain.lightning_modules import BoostedEarlyExit, PromptTunedCLIP
+from stacktrain.stack import FLOPS_PER_STEP, INFERENCE_FLOPS
+
+#: BatchNorm running statistics are per rank between DDP's buffer broadcasts (as in any DDP run).
+STATS = ("running_mean", "running_var", "num_batches_tracked")
+QUICK = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.num_sanity_val_steps", "0",
+         "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def micro_clip(tmp_path_factory) -> str:
+    """A randomly initialised micro CLIP saved as a plain open_clip weights file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip") / "micro.pt"
+    torch.save(create_clip_model("stacktrain-micro-clip").state_dict(), path)
+    return str(path)
+
+
+def report_rows(path) -> dict[tuple[str, str], list[str]]:
+    """``(technique, quantity) -> cells`` of an efficiency.md table."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 6 and cells[0] not in ("technique", "measured"):
+            rows[(cells[0], cells[1])] = cells
+    return rows
+
+
+def weights(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.endswith(STATS)}
+
+
+def run_stack(name: str, tmp_path, *overrides: str) -> tuple[dict, dict, dict]:
+    """Run configs/<name>.yaml on 2 processes; returns both ranks' dumps and the report's rows."""
+    check(run_ddp(["fit", "--config", str(CONFIGS / f"{name}.yaml"), *QUICK, *overrides], workdir=tmp_path,
+                  dump_dir=tmp_path / "ranks"))
+    rank0, rank1 = load_rank_states(tmp_path / "ranks", 2)
+    return rank0, rank1, report_rows(tmp_path / "efficiency.md")
+
+
+# ------------------------------------------------------------------------------- 2-process DDP runs
+@pytest.mark.ddp
+def test_stack_vit_on_two_processes(tmp_path):
+    rank0, rank1, rows = run_stack("stack_vit", tmp_path, "--trainer.max_epochs", "1",
+                                   "--trainer.limit_train_batches", "4")
+    assert rank0["global_step"] == rank1["global_step"] == 4
+    assert_states_equal(weights(rank0["model"]), weights(rank1["model"]), "weights")
+    # Token masks are drawn per rank by design (each rank drops its own tokens), from a generator
+    # reseeded every batch from (seed, rank, step): its state is the one thing that differs.
+    first, second = rank0["techniques"], rank1["techniques"]
+    assert not torch.equal(first["TokenDropout"].pop("generator"), second["TokenDropout"].pop("generator"))
+    assert_states_equal(first, second, "techniques")
+    assert [row[0] for row in first["GradientQuantization"]["bytes_history"]] == [0, 1, 2, 3]
+    assert {technique for technique, _ in rows} >= {"token_dropout", "grad_quant"}
+    assert float(rows[("token_dropout", FLOPS_PER_STEP)][4]) < 1.0
+    assert float(rows[("grad_quant", "communicated bytes/step")][4]) == pytest.approx(0.125, abs=0.01)
+
+
+@pytest.mark.ddp
+def test_stack_cnn_on_two_processes_keeps_quantized_communication_after_compaction(tmp_path):
+    rank0, rank1, rows = run_stack("stack_cnn", tmp_path, "--trainer.max_epochs", "2",
+                                   "--trainer.limit_train_batches", "3")
+    assert rank0["global_step"] == rank1["global_step"] == 6
+    assert_states_equal(weights(rank0["model"]), weights(rank1["model"]), "weights")
+    assert_states_equal(rank0["techniques"], rank1["techniques"], "techniques")
+    prune = rank0["techniques"]["PruneRegrow"]
+    assert prune["compacted"] and prune["compacted_at"] == 3
+    # the 4-bit all-gather ran at every step, also on the re-wrapped (smaller) DDP model
+    history = rank0["techniques"]["GradientQuantization"]["bytes_history"]
+    assert [row[0] for row in history] == list(range(6))
+    assert history[-1][2] < 0.8 * history[0][2] and all(sent * 7 < fp32 for _, sent, fp32 in history)
+    # the hypernetwork's last gradients follow the compacted parameters
+    previous = rank0["techniques"]["GradientQuantization"]["hypernet"]["previous"]
+    assert previous and all(previous[name]["grad"].shape == rank0["model"][name].shape for name in previous)
+    assert {technique for technique, _ in rows} >= {"prune_regrow", "early_exit", "grad_quant", "all techniques"}
+    # early exits measured on the pruned network: their baseline is below the dense network's
+    dense = rows[("prune_regrow", INFERENCE_FLOPS)][2]
+    assert rows[("early_exit", INFERENCE_FLOPS)][2] != dense and rows[("all techniques", INFERENCE_FLOPS)][2] == dense
+
+
+@pytest.mark.ddp
+def test_stack_clip_on_two_processes(tmp_path, micro_clip):
+    rank0, rank1, rows = run_stack(
+        "stack_clip", tmp_path, "--model.init_args.model_name", "stacktrain-micro-clip",
+        "--model.init_args.pretrained", micro_clip, "--model.init_args.n_ctx", "4", "--model.init_args.shots", "4",
+        "--trainer.max_steps", "4", "--trainer.check_val_every_n_epoch", "1", "--data.init_args.train_size", "120",
+        "--data.init_args.val_size", "40", "--data.init_args.test_size", "40", "--data.init_args.batch_size", "8",
+    )
+    assert rank0["global_step"] == rank1["global_step"] == 4
+    assert_states_equal(rank0["model"], rank1["model"], "weights")
+    first, second = rank0["techniques"], rank1["techniques"]
+    first["TokenDropout"].pop("generator"), second["TokenDropout"].pop("generator")  # per rank by design
+    assert_states_equal(first, second, "techniques")
+    assert {technique for technique, _ in rows} >= {"prompt_tuning", "token_dropout", "all techniques"}
+    assert rows[("token_dropout", "tokens/sample")][2:4] == ["17", "9"]  # class token + 8 of 16 patches
+    # token dropout's line is over the whole step as prompt tuning leaves it, so the two compound
+    assert rows[("token_dropout", FLOPS_PER_STEP)][2] == rows[("prompt_tuning", FLOPS_PER_STEP)][3]
+
+
+# ------------------------------------------------------------------------------- the fixes, in-process
+def test_quantization_follows_compaction_of_the_parameters(tmp_path):
+    """PruneRegrow replaces the parameters when it compacts: GradientQuantization hooks the new ones
+    (their gradients stay 4-bit) and cuts its error-feedback residuals to the kept channels; early
+    exits re-measure their FLOPs on the smaller network."""
+    seed_everything(0)
+    model = BoostedEarlyExit(backbone="test_resnet", exits=["layer1", "layer2", "layer3", "layer4"], in_chans=1,
+                             head_hidden=16, budgets=[0.6, 1.0])
+    quant = GradientQuantization(bits=4, targets="weights", compensation="error_feedback")
+    prune = PruneRegrow(target_flops_ratio=0.5, update_unit="step", update_every=2, explore_until=0.5,
+                        compact_after_explore=True)
+    class Inspect(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.dense_costs = pl_module.exit_costs.clone()
+            self.dense_shapes = {n: p.shape for n, p in pl_module.named_parameters()}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            params = dict(pl_module.named_parameters())
+            self.hooked = all(quant.quantizer.parameters[n] is p for n, p in params.items())
+            self.residual_shapes = all(r.shape == params[n].shape for n, r in quant.quantizer.residuals.items())
+            self.shrunk = [n for n, p in params.items() if p.ndim == 4 and p.shape != self.dense_shapes[n]]
+            # a 4-bit gradient of one tensor: at most 2^3 distinct magnitudes (codes 0..7 times one scale)
+            self.levels = max((params[n].grad.abs().unique().numel() for n in self.shrunk), default=0)
+
+    inspect = Inspect()
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=6, limit_val_batches=1, val_check_interval=6, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, default_root_dir=tmp_path,
+                      callbacks=[prune, quant, inspect, EfficiencyReport(dirpath=str(tmp_path))])
+    trainer.fit(model, DigitsDataModule(image_size=16, channels=1, batch_size=32))
+    assert prune.compacted and prune.compacted_at == 3
+    assert len(inspect.shrunk) > 5  # the last step ran on compacted layers...
+    assert inspect.hooked and inspect.residual_shapes and 1 < inspect.levels <= 8  # ...with 4-bit gradients
+    assert quant.quantizer.residuals
+    assert float(model.exit_costs[-1]) < 0.8 * float(inspect.dense_costs[-1])
+
+
+def test_metagrad_cut_keeps_the_last_updates_of_the_kept_channels():
+    hypernet = MetaGradCompensation(hidden=4)
+    weight = nn.Parameter(torch.randn(4, 3))
+    weight.grad = torch.arange(12.0).reshape(4, 3)
+    hypernet.transform([("w", weight, 0.1)])
+    hypernet.commit()
+    hypernet.cut({"w": {0: torch.tensor([0, 2])}})
+    assert torch.equal(hypernet.previous["w"].grad, torch.tensor([[0.0, 1, 2], [6, 7, 8]]))
+
+
+def test_token_drop_takes_the_mode_of_the_slot_it_fills():
+    """A frozen tower kept in eval mode whose dropout slot follows training (PromptTunedCLIP) gets a
+    token dropper that acts in training steps; a plain ViT's slot has the ViT's own mode."""
+    clip = create_clip_model("stacktrain-micro-clip").eval()
+    clip.visual.patch_dropout.train()
+    compression = install_sequence_compression(clip.visual)
+    compression.set(keep_ratio=0.5)
+    assert compression.drop.training and not clip.visual.training
+    lengths = []
+    clip.visual.transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        clip.visual(torch.zeros(2, 3, 32, 32))
+    assert lengths == [1 + 8]
+    # forward only: no gradient flows through a frozen tower, and the count says so
+    cost = compression.cost_model
+    assert compression.drop.flops_full == 2 * cost.flops(17, 16, cost.kernel_area(1, "flexi"), backward=False)
+    compression.remove()
+
+
+def test_flop_counter_counts_multihead_attention_in_inference():
+    attention = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.zeros(2, 10, 32)
+    with flop_counter() as training_count:
+        attention(x, x, x, need_weights=False)
+    with torch.no_grad(), flop_counter() as inference_count:
+        attention(x, x, x, need_weights=False)
+    assert inference_count.get_total_flops() == training_count.get_total_flops() > 0
+    assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards
+
+
+def test_token_dropout_in_prompt_tuning_reports_over_the_whole_step(tmp_path, micro_clip):
+    seed_everything(0)
+    model = PromptTunedCLIP("stacktrain-micro-clip", pretrained=micro_clip, n_ctx=4, shots=4)
+    report = EfficiencyReport(dirpath=str(tmp_path))
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      default_root_dir=tmp_path, callbacks=[TokenDropout(keep_ratio=0.5), report])
+    trainer.fit(model, ShapesDataModule(train_size=120, val_size=40, test_size=40, batch_size=8))
+    lines = {(line.technique, line.quantity): line for line in report.rows()}
+    tuning, dropout = lines[("prompt_tuning", FLOPS_PER_STEP)], lines[("token_dropout", FLOPS_PER_STEP)]
+    assert dropout.baseline / dropout.count == pytest.approx(tuning.actual / tuning.count, rel=1e-9)
+    assert model.step_flops_outside_vit > 0 and dropout.ratio < 1.0
+    combined = lines[("all techniques", FLOPS_PER_STEP)]
+    assert combined.ratio == pytest.approx(tuning.ratio * dropout.ratio)
+    assert re.search(r"\| token_dropout \| tokens/sample \| 17 \| 9 \|", (tmp_path / "efficiency.md").read_text())
