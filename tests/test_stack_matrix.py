@@ -93,6 +93,7 @@ def test_pair_trains_together_on_two_processes(matrix, pair):
         assert report["grad_quant | communicated bytes/step"] == pytest.approx(0.125, abs=0.005)
 
 
+@pytest.mark.ddp
 def test_token_dropout_shortens_the_sequence_every_exit_head_of_a_staged_vit_sees(matrix):
     """TD+EE: the staged ViT's stem runs the ViT's own token-drop slot, so with keep 0.5 and patches
     twice as large (16 -> 4 patches -> 2 kept) every exit head trains on 1 + 2 tokens; validation
@@ -102,6 +103,7 @@ def test_token_dropout_shortens_the_sequence_every_exit_head_of_a_staged_vit_see
     assert matrix[0]["TD+EE"]["report"]["token_dropout | tokens/sample"] == pytest.approx(3 / 17)
 
 
+@pytest.mark.ddp
 def test_token_dropout_in_prompt_tuning_compounds_with_it(matrix):
     report = matrix[0]["TD+PT"]["report"]
     assert report["token_dropout | tokens/sample"] == pytest.approx(9 / 17)
