@@ -105,10 +105,19 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 class LoopTimer(Callback):
-    """Wall and process CPU time of the training loop only (first to last step)."""
+    """Wall and process CPU time of the training loop only (first to last step); with
+    ``warmup_steps`` the clock starts at that step, leaving out the first steps' one-time kernel setup."""
+
+    def __init__(self, warmup_steps: int = 0) -> None:
+        self.warmup_steps = warmup_steps
 
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
-        self.start = (time.perf_counter(), time.process_time())
+        if self.warmup_steps == 0:
+            self.start = (time.perf_counter(), time.process_time())
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.warmup_steps and trainer.global_step == self.warmup_steps and not hasattr(self, "start"):
+            self.start = (time.perf_counter(), time.process_time())
 
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
         self.wall = time.perf_counter() - self.start[0]
