@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ def create_clip_model(
             f"cannot build {model_name}: {error}", source=source, key=f"{key_prefix}.model_kwargs",
             value=model_kwargs, fix="remove or rename the keyword open_clip.create_model does not take",
         ) from error
-    except (RuntimeError, AssertionError, KeyError, ValueError) as error:
+    except (RuntimeError, AssertionError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as error:
         if not pretrained:
             raise
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
