@@ -283,3 +283,170 @@ def test_rejected_before_the_first_batch(ctx, build: Callable[[SimpleNamespace],
     assert error.fix and f"Fix: {error.fix.rstrip('.')}" in message, message
     if ctx.trainer is not None:
         assert ctx.trainer.global_step == 0
+
+
+# ------------------------------------------------------------------------------------ HANDLED
+class NaNLossAt(ImageClassifier):
+    """The tiny ViT whose loss is NaN at the global steps in ``nan_steps`` (a bad batch, an overflow)."""
+
+    nan_steps: set[int] = set()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step in self.nan_steps else loss
+
+
+def nan_model(steps: set[int]) -> NaNLossAt:
+    NaNLossAt.nan_steps = set(steps)
+    torch.manual_seed(0)
+    return NaNLossAt("vit_tiny_patch16_224", in_chans=1, model_kwargs=dict(TINY_VIT))
+
+
+class WeightsAtEachStep(Callback):
+    """The flat weights at the start of every training batch, by global step."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.at[trainer.global_step] = torch.cat([p.detach().flatten() for p in pl_module.parameters()]).clone()
+
+
+def train(tmp_path, model: Any, data: Any, callbacks: list[Callback], **kwargs: Any) -> Trainer:
+    options = dict(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   limit_val_batches=0, default_root_dir=str(tmp_path))
+    options.update(kwargs)
+    trainer = Trainer(callbacks=callbacks, **options)
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+def test_nan_loss_step_is_skipped_with_a_warning_and_a_count(tmp_path):
+    """HANDLED: a NaN loss at step 1 skips that optimizer step (weights and AdamW state as they were),
+    warns, counts, logs ``nonfinite/skipped_steps``, and the run goes on to its last step."""
+    guard, weights = NonFiniteGuard(), WeightsAtEachStep()
+    model = nan_model({1})
+    with pytest.warns(UserWarning, match=r"non-finite loss and gradients at step 1: optimizer step skipped, "
+                                         r"weights unchanged \(1 skipped so far, 1 in a row\)"):
+        trainer = train(tmp_path, model, digits(), [guard, weights])
+    assert trainer.global_step == 4 and guard.skipped_steps == 1 and guard.consecutive == 0
+    assert float(trainer.callback_metrics["nonfinite/skipped_steps"]) == 1.0
+    assert not torch.equal(weights.at[0], weights.at[1])  # step 0 trained
+    assert torch.equal(weights.at[1], weights.at[2])  # step 1 was skipped
+    assert not torch.equal(weights.at[2], weights.at[3])  # and training went on
+    final = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.isfinite(final).all()
+    moments = [s["exp_avg"] for s in trainer.optimizers[0].state.values()]
+    assert moments and all(torch.isfinite(m).all() for m in moments)
+    assert guard.state_dict() == {"skipped_steps": 1, "consecutive": 0}
+
+
+def test_without_the_guard_a_nan_loss_poisons_every_weight(tmp_path):
+    """Why the guard exists: plain Lightning applies the NaN gradient and AdamW spreads it to every weight."""
+    model = nan_model({1})
+    train(tmp_path, model, digits(), [])
+    final = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+    assert torch.isnan(final).all()
+
+
+def test_a_run_that_keeps_producing_nan_stops_with_a_clear_message(tmp_path):
+    guard = NonFiniteGuard(max_consecutive=2)
+    model = nan_model(set(range(100)))
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(StackError) as info:
+        train(tmp_path, model, digits(), [guard], max_steps=10)
+    message = str(info.value)
+    assert message.startswith("NonFiniteGuard: loss=nan loss and gradients were not finite for 3 optimizer steps in a row")
+    assert "Fix: lower the learning rate" in message and "detect_anomaly" in message
+    assert model.trainer.global_step == 2 and guard.skipped_steps == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_cli_attaches_the_guard_to_every_run(tmp_path):
+    from stacktrain.cli import StackCLI
+
+    cli = StackCLI(args=["--config", QUICKSTART, "--trainer.logger", "false",
+                         "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert sum(isinstance(c, NonFiniteGuard) for c in cli.trainer.callbacks) == 1
+    with pytest.raises(StackError, match=r"NonFiniteGuard: max_consecutive=-1 is out of range \[0, inf\]"):
+        NonFiniteGuard(max_consecutive=-1)
+
+
+def test_corrupt_shard_in_the_middle_is_skipped_with_a_warning_and_the_run_goes_on(digit_shards, tmp_path):
+    """HANDLED: shard 2 of 5 is truncated; its samples are skipped, counted, and the epoch is filled
+    from the other shards."""
+    for index in range(5):
+        name = f"train-{index:06d}.tar"
+        data = (digit_shards / name).read_bytes()
+        if index == 2:
+            data = data[: len(data) // 3] + b"\x00garbage" * 100
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "dataset.json").write_bytes((digit_shards / "dataset.json").read_bytes())
+    data = WebDatasetDataModule(str(tmp_path / "train-{000000..000004}.tar"), image_size=16, channels=1,
+                                batch_size=16, epoch_length=160)
+    with pytest.warns(UserWarning, match=r"WebDatasetDataModule: skipped unreadable data \(1 so far\)"):
+        trainer = train(tmp_path, tiny_vit(), data, [], max_steps=-1, max_epochs=1)
+    assert trainer.global_step == 10  # 160 samples / 16: the whole epoch despite the bad shard
+    assert data.skipped >= 1
+
+
+# ------------------------------------------------------------------------------------ NEVER OVERWRITTEN
+def run_config_twice(c: SimpleNamespace) -> None:
+    from stacktrain.cli import StackCLI
+
+    StackCLI(args=["fit", "--config", QUICKSTART, "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "false",
+                   "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(c.tmp),
+                   "--trainer.logger.version", "fixed", "--trainer.callbacks+=test_bad_inputs.NoTrainingBatch"])
+
+
+def efficiency_report(c: SimpleNamespace) -> None:
+    report = EfficiencyReport(dirpath=str(c.tmp))
+    report.on_fit_end(SimpleNamespace(is_global_zero=True, loggers=[], global_step=0, current_epoch=0), None)
+
+
+def pretrain_clip(c: SimpleNamespace) -> None:
+    from stacktrain.lightning_modules.clip_pretrain import pretrain_clip as run
+
+    run(str(c.tmp / "clip.pt"), model_name="stacktrain-micro-clip", steps=2, batch_size=4)
+
+
+def clip_export(c: SimpleNamespace) -> None:
+    CLIPPretraining(model_name="stacktrain-micro-clip", export_weights=None).save_open_clip_weights(str(c.tmp / "clip.pt"))
+
+
+#: (the writer, the file that already exists, and either the refusal the message must start with
+#: or the numbered file written beside the existing one).
+OVERWRITES: list[Any] = [
+    pytest.param(run_config_twice, "lightning_logs/fixed/config.yaml",
+                 "stacktrain: config file='{tmp}/lightning_logs/fixed/config.yaml' already exists", id="cli-run-config"),
+    pytest.param(lambda c: export(c, garbage_file(c, "run.ckpt"), str(c.tmp)), "model.pt2",
+                 "export_compact: out='{tmp}' already holds an export (model.pt2)", id="export_compact-out"),
+    pytest.param(lambda c: schedule_search(c, str(c.tmp / "schedule.yaml")), "schedule.yaml",
+                 "search_schedule: --out='{tmp}/schedule.yaml' already exists", id="search_schedule-out"),
+    pytest.param(pretrain_clip, "clip.pt", "pretrain_clip: out_path='{tmp}/clip.pt' already exists",
+                 id="pretrain_clip-out_path"),
+    pytest.param(lambda c: make_shards("digits", str(c.tmp)), "train-000000.tar",
+                 "make_shards: OUT='{tmp}' already holds 1 shard/metadata files", id="make_shards-out"),
+    pytest.param(efficiency_report, "efficiency.md", "efficiency-2.md", id="efficiency-report"),
+    pytest.param(clip_export, "clip.pt", "clip-2.pt", id="clip_pretraining-export"),
+]
+
+
+@pytest.mark.parametrize("writer, existing, outcome", OVERWRITES)
+def test_no_existing_file_is_overwritten(ctx, writer: Callable[[SimpleNamespace], Any], existing: str, outcome: str):
+    from stacktrain.cli import _stack_error_in
+
+    path = ctx.tmp / existing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"an earlier run's file")
+    if "=" not in outcome:
+        writer(ctx)  # written beside it under a numbered name
+        assert (ctx.tmp / outcome).is_file()
+    else:
+        with pytest.raises(Exception) as info:
+            writer(ctx)
+        error = _stack_error_in(info.value)
+        assert error is not None, repr(info.value)
+        assert str(error).startswith(outcome.format(tmp=str(ctx.tmp))), str(error)
+        assert error.fix and "Fix: " in str(error)
+    assert path.read_bytes() == b"an earlier run's file"
