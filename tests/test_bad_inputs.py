@@ -134,6 +134,16 @@ def export(ctx: SimpleNamespace, checkpoint: str, out: str | None = None) -> Non
     export_compact(checkpoint, out or str(ctx.tmp / "export"))
 
 
+def quantized_communication_with_a_comm_hook() -> None:
+    """A DDP strategy that already compresses its all-reduce cannot take GradientQuantization's
+    communication hook too (checked in setup; a 1-process stand-in for the 2-process run)."""
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+
+    trainer = SimpleNamespace(strategy=DDPStrategy(ddp_comm_hook=fp16_compress_hook))
+    GradientQuantization(communication_bits=8).setup_technique(trainer, tiny_vit(), "fit")
+
+
 def cli(ctx: SimpleNamespace, *args: str) -> None:
     """`python train.py fit ...` in this process; its one-line error is turned back into the StackError."""
     from stacktrain.cli import StackCLI
@@ -257,6 +267,9 @@ REJECTED: list[Any] = [
     pytest.param(lambda c: fit(c, prompt_tuning(c, cache_features=True), shapes(), [TokenDropout()]),
                  "TokenDropout: model='PromptTunedCLIP'", "cannot be attached to PromptTunedCLIP",
                  id="token_dropout-on-cached-prompt-tuning"),
+    pytest.param(lambda c: quantized_communication_with_a_comm_hook(),
+                 "GradientQuantization: communication_bits=8", "cannot replace the DDP communication hook",
+                 id="grad_quant-communication_bits-with-a-ddp-comm-hook"),
     # through the CLI (in-process; `python train.py` prints the same message as one line)
     pytest.param(lambda c: cli(c, "--trainer.callbacks+=stacktrain.callbacks.TokenDropout",
                                "--trainer.callbacks.schedule_file", str(c.tmp / "none.yaml")),
@@ -283,6 +296,19 @@ def test_rejected_before_the_first_batch(ctx, build: Callable[[SimpleNamespace],
     assert error.fix and f"Fix: {error.fix.rstrip('.')}" in message, message
     if ctx.trainer is not None:
         assert ctx.trainer.global_step == 0
+
+
+def test_cli_wrong_type_is_named_by_the_config_parser(tmp_path, capsys):
+    """Through a config, a value of the wrong type never reaches our code: the parser names the key
+    and the value (exit status 2, no traceback)."""
+    from stacktrain.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", QUICKSTART, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+              "--model.init_args.num_classes", "ten"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert 'Parser key "num_classes"' in err and "Got value: ten" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------ HANDLED
