@@ -15,8 +15,6 @@ tables are the one place that lists them all.
 
 from __future__ import annotations
 
-import os
-import textwrap
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
