@@ -29,9 +29,11 @@ class NonFiniteGuard(Callback):
 
     The decision reads the gradients the optimizer is about to apply: under DDP they are already
     averaged over the ranks (a NaN on one rank is a NaN on all), so every rank skips the same steps.
-    A skipped step leaves weights and optimizer state untouched (the gradients are set to ``None``,
-    which every torch optimizer skips); the learning-rate schedule and ``global_step`` advance as
-    they do when AMP's scaler skips a step. Each skip warns with the running count and logs
+    A skipped step applies nothing: the gradients are set to ``None``, which every torch optimizer
+    skips, so weights and optimizer state stay as they were; the learning-rate schedule and
+    ``global_step`` advance as they do when AMP's scaler skips a step. Techniques' after-step work
+    still runs on those finite weights (PruneRegrow's mask updates on their step schedule;
+    GradientQuantization leaves non-finite values out of its residuals and its hypernetwork). Each skip warns with the running count and logs
     ``nonfinite/skipped_steps``. Under fp16 AMP the ``GradScaler`` already skips these steps (and
     lowers its scale), so the guard leaves them to it.
 
@@ -85,7 +87,7 @@ class NonFiniteGuard(Callback):
             )
         rank_zero_warn(
             f"stacktrain: NonFiniteGuard: non-finite {what} at step {trainer.global_step}: optimizer step "
-            f"skipped, weights unchanged ({self.skipped_steps} skipped so far, {self.consecutive} in a row)"
+            f"skipped, gradients not applied ({self.skipped_steps} skipped so far, {self.consecutive} in a row)"
         )
         pl_module.log("nonfinite/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
 

@@ -352,7 +352,7 @@ def test_nan_loss_step_is_skipped_with_a_warning_and_a_count(tmp_path):
     guard, weights = NonFiniteGuard(), WeightsAtEachStep()
     model = nan_model({1})
     with pytest.warns(UserWarning, match=r"non-finite loss and gradients at step 1: optimizer step skipped, "
-                                         r"weights unchanged \(1 skipped so far, 1 in a row\)"):
+                                         r"gradients not applied \(1 skipped so far, 1 in a row\)"):
         trainer = train(tmp_path, model, digits(), [guard, weights])
     assert trainer.global_step == 4 and guard.skipped_steps == 1 and guard.consecutive == 0
     assert float(trainer.callback_metrics["nonfinite/skipped_steps"]) == 1.0
@@ -364,6 +364,32 @@ def test_nan_loss_step_is_skipped_with_a_warning_and_a_count(tmp_path):
     moments = [s["exp_avg"] for s in trainer.optimizers[0].state.values()]
     assert moments and all(torch.isfinite(m).all() for m in moments)
     assert guard.state_dict() == {"skipped_steps": 1, "consecutive": 0}
+
+
+@pytest.mark.parametrize("compensation", ["error_feedback", "hypernet"])
+def test_a_nan_step_in_a_stack_leaves_every_technique_finite(tmp_path, compensation):
+    """HANDLED with techniques attached (TokenDropout + GradientQuantization): their after-step work
+    runs on finite weights, and their state (error-feedback residuals, hypernetwork) stays finite."""
+    guard = NonFiniteGuard()
+    model = nan_model({1})
+    techniques = [TokenDropout(keep_ratio=0.5), GradientQuantization(bits=4, compensation=compensation)]
+    with pytest.warns(UserWarning, match="non-finite loss and gradients at step 1"):
+        trainer = train(tmp_path, model, digits(), [guard, *techniques])
+    assert trainer.global_step == 4 and guard.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    states = [_tensors(technique.state_dict()) for technique in techniques]
+    assert states[1], "GradientQuantization keeps tensors in its state"
+    assert all(torch.isfinite(t.float()).all() for state in states for t in state)
+
+
+def _tensors(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _tensors(v)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _tensors(v)]
+    return []
 
 
 def test_without_the_guard_a_nan_loss_poisons_every_weight(tmp_path):
