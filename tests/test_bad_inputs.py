@@ -120,6 +120,14 @@ def shapes() -> Any:
     return ShapesDataModule(train_size=120, val_size=40, test_size=40, batch_size=8)
 
 
+def all_shards_corrupt(ctx: SimpleNamespace) -> WebDatasetDataModule:
+    """Two shards that are not tar files: nothing to train on, which no warning can make up for."""
+    for index in range(2):
+        write(ctx.tmp / f"train-{index:06d}.tar", bytes(range(256)) * 12)
+    return WebDatasetDataModule(str(ctx.tmp / "train-{000000..000001}.tar"), num_classes=10, image_size=16,
+                                channels=1, batch_size=4, epoch_length=16)
+
+
 def schedule_search(ctx: SimpleNamespace, out: str) -> None:
     from stacktrain.search_schedule import search_schedule
 
@@ -237,9 +245,18 @@ REJECTED: list[Any] = [
     pytest.param(lambda c: ImageFolderDataModule(str(c.tmp / "images")),
                  "ImageFolderDataModule: data.init_args.root='{tmp}/images'", "does not exist",
                  id="image_folder-root-missing"),
+    pytest.param(lambda c: fit(c, tiny_vit(), ImageFolderDataModule(write(c.tmp / "images", "not a folder"))),
+                 "ImageFolderDataModule: data.init_args.root='{tmp}/images'", "is a file, not a folder",
+                 id="image_folder-root-is-a-file"),
+    pytest.param(lambda c: fit(c, tiny_vit(), ImageFolderDataModule(str(c.tmp))),
+                 "ImageFolderDataModule: data.init_args.root='{tmp}'", "holds fewer than two class folders",
+                 id="image_folder-root-empty"),
     pytest.param(lambda c: WebDatasetDataModule(str(c.tmp / "train-{000000..000009}.tar")),
                  "data.init_args.train_shards='{tmp}/train-{{000000..000009}}.tar'", "matches no shard file",
                  id="webdataset-pattern-matches-nothing"),
+    pytest.param(lambda c: fit(c, tiny_vit(), all_shards_corrupt(c)),
+                 "WebDatasetDataModule: shards=['{tmp}/train-000000.tar', '{tmp}/train-000001.tar']",
+                 "yielded no readable sample", id="webdataset-every-shard-corrupt"),
     pytest.param(lambda c: export(c, str(c.tmp / "missing.ckpt")),
                  "export_compact: checkpoint='{tmp}/missing.ckpt'", "does not exist", id="export-checkpoint-missing"),
     pytest.param(lambda c: export(c, garbage_file(c, "run.ckpt")),
