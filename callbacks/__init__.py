@@ -7,3 +7,7 @@ from .resume import ExactResume
 from .token_dropout import TokenDropout
 
 __all__ = ["EfficiencyReport", "ExactResume", "GradientQuantization", "PruneRegrow", "TokenDropout"]
+
+from .nonfinite_guard import NonFiniteGuard
+
+__all__ += ["NonFiniteGuard"]

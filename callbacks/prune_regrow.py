@@ -125,6 +125,12 @@ class PruneRegrow(Technique):
         ):
             raise StackError("must be a list of positive integers (C, H, W)", source=source, key="input_shape",
                              value=input_shape, fix="pass e.g. input_shape: [1, 16, 16]")
+        if ignore is not None and (not isinstance(ignore, (list, tuple)) or not all(isinstance(v, str) for v in ignore)):
+            raise StackError("must be a list of module names", source=source, key="ignore", value=ignore,
+                             fix="pass e.g. ignore: [head, stem.conv] (names from model.named_modules())")
+        if not isinstance(compact_after_explore, bool):
+            raise StackError("must be true or false", source=source, key="compact_after_explore",
+                             value=compact_after_explore, fix="use true to shrink the network once exploration ends")
         self.target_flops_ratio = target_flops_ratio
         self.channel_sparsity = channel_sparsity
         self.update_every = update_every

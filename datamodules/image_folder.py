@@ -112,6 +112,9 @@ class ImageFolderDataModule(ImageDataModule):
         source = type(self).__name__
         if self.dataset == "imagefolder" or not self.download:
             require_existing_path(self.root, "data.init_args.root", source=source)
+            if not os.path.isdir(self.root):
+                raise StackError("is a file, not a folder", source=source, key="data.init_args.root", value=self.root,
+                                 fix="point root at the folder of class sub-folders (root/<class>/<image>)")
         if self.dataset != "imagefolder" and not self.download:
             folder = os.path.join(self.root, _CIFAR_FOLDERS[self.dataset])
             if not os.path.isdir(folder):

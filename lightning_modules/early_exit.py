@@ -104,9 +104,12 @@ class BoostedEarlyExit(LightningModule):
         require_number(num_classes, "model.init_args.num_classes", source=source, low=2, integer=True)
         require_number(ensemble_weight, "model.init_args.ensemble_weight", source=source, low=0.0, low_inclusive=False)
         require_number(head_hidden, "model.init_args.head_hidden", source=source, low=0, integer=True)
-        budgets = sorted(float(b) for b in budgets)
+        if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence) or len(budgets) == 0:
+            raise StackError("must be a non-empty list of FLOPs fractions", source=source,
+                             key="model.init_args.budgets", value=budgets, fix="pass e.g. budgets: [0.3, 0.5, 1.0]")
         for budget in budgets:
             require_number(budget, "model.init_args.budgets", source=source, low=0.0, high=1.0, low_inclusive=False)
+        budgets = sorted(float(b) for b in budgets)
         require_number(predict_budget, "model.init_args.predict_budget", source=source, low=0.0, high=1.0,
                        low_inclusive=False)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])

@@ -9,6 +9,8 @@ What it adds to Lightning's CLI:
   with a warning (`stacktrain.loggers.start_loggers`);
 * the config is saved as ``config.yaml`` in the run directory (beside ``checkpoints/`` and the
   efficiency report), never over an earlier run's;
+* an optimizer step with NaN/inf gradients is skipped with a warning and counted, and a run that
+  keeps producing them stops (`stacktrain.callbacks.NonFiniteGuard`, added unless the config lists one);
 * `StackError` is printed as one clear line (exit status 2) instead of a traceback
   (``STACKTRAIN_TRACEBACK=1`` shows the traceback);
 * after ``fit`` it prints the final validation metrics.
@@ -23,9 +25,10 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from stacktrain.callbacks.nonfinite_guard import NonFiniteGuard
 from stacktrain.errors import StackError
 from stacktrain.loggers import start_loggers
-from stacktrain.stack import run_dir
+from stacktrain.stack import reject_duplicate_techniques, run_dir
 
 __all__ = ["StackCLI", "RunDirSaveConfig", "main"]
 
@@ -73,8 +76,16 @@ class StackCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"data": {"class_path": "stacktrain.datamodules.DigitsDataModule"}})
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
+        # before Lightning's own check, which raises a RuntimeError about state keys
+        listed = config.get("callbacks") or []
+        reject_duplicate_techniques([*(listed if isinstance(listed, list) else [listed]), *callbacks])
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, NonFiniteGuard) for c in trainer.callbacks):
+            trainer.callbacks.append(NonFiniteGuard())
         start_loggers(trainer)
         return trainer
 

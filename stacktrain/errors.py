@@ -15,7 +15,8 @@ _UNSET: Any = object()
 
 
 class StackError(ValueError):
-    """A configuration that stacktrain cannot run, raised before the first batch.
+    """A configuration that stacktrain cannot run, raised before the first batch (and by
+    `NonFiniteGuard` when a run has diverged, so the CLI prints that as one line too).
 
     The message always says where the problem is (``source``: a technique, module or data
     module), which key, the value it got, and how to fix it, e.g.::

@@ -67,6 +67,7 @@ def export_compact(
     *,
     module: nn.Module | None = None,
     example_input: torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the compact network of a `PruneRegrow` checkpoint into the directory ``out``:
 
@@ -81,9 +82,22 @@ def export_compact(
     layer (``model`` of an `ImageClassifier`). ``module`` is the LightningModule to load into when it
     cannot be rebuilt from the checkpoint's class and hyper-parameters. Returns the paths, the
     network's name and its FLOPs (dense and compact, measured with the flop counter).
+    An ``out`` that already holds an export is refused unless ``overwrite=True``.
     """
     path = require_existing_path(checkpoint, "checkpoint", source="export_compact")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    existing = [name for name in (PROGRAM_FILE, compact_loader.STATE_FILE, compact_loader.CONFIG_FILE, LOADER_FILE)
+                if os.path.exists(os.path.join(os.fspath(out), name))]
+    if existing and not overwrite:
+        raise StackError(f"already holds an export ({', '.join(existing)})", source="export_compact", key="out",
+                         value=os.fspath(out), fix="choose a new folder, move the earlier export away, or pass overwrite=True")
+    if not os.path.isfile(path):
+        raise StackError("is a folder, not a checkpoint file", source="export_compact", key="checkpoint", value=path,
+                         fix="pass the .ckpt file itself (under the run's checkpoints/ folder)")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: UnpicklingError, RuntimeError, EOFError
+        raise StackError(f"cannot be read as a checkpoint ({type(error).__name__})", source="export_compact",
+                         key="checkpoint", value=path, fix="pass a .ckpt written by a PruneRegrow run") from error
     state = _technique_state(data, path)
     module = module if module is not None else _rebuild_module(state, data)
     dense_sizes = channel_config(module)

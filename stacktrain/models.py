@@ -5,6 +5,7 @@ No Lightning here: these take and return plain ``nn.Module``s.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,11 @@ def create_timm_model(
     timm's own mechanism (``pretrained_cfg_overlay=dict(file=...)``), so a classifier with another
     number of classes or input channels is adapted the way timm adapts its released weights.
     """
+    if not isinstance(model_name, str):
+        raise StackError(
+            f"must be a model name (a string), got {type(model_name).__name__}", source=source,
+            key=f"{key_prefix}.model_name", value=model_name, fix="use a name from timm.list_models(), e.g. 'resnet18'",
+        )
     kwargs = dict(model_kwargs or {})
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -46,7 +52,7 @@ def create_timm_model(
             fix="use a name from timm.list_models(), e.g. 'resnet18' or 'vit_tiny_patch16_224'",
         )
     if pretrained:
-        path = require_existing_path(pretrained, f"{key_prefix}.pretrained", source=source)
+        path = require_weights_file(pretrained, f"{key_prefix}.pretrained", source=source)
         kwargs["pretrained"] = True
         kwargs["pretrained_cfg_overlay"] = dict(file=path)
     try:
@@ -59,6 +65,27 @@ def create_timm_model(
             value=model_kwargs,
             fix="remove or rename the keyword the model does not take",
         ) from error
+    except Exception as error:  # a file that is not a state_dict: UnpicklingError, RuntimeError, SafetensorError...
+        if not pretrained:
+            raise
+        raise StackError(
+            f"cannot be loaded into {model_name} ({type(error).__name__}: {_first_line(error)})",
+            source=source, key=f"{key_prefix}.pretrained", value=pretrained,
+            fix="pass a weights file saved with torch.save(model.state_dict()) or safetensors for this architecture",
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
+def require_weights_file(path: str, key: str, *, source: str) -> str:
+    """``path`` if it is an existing, readable file (not a folder), else a `StackError` naming it."""
+    path = require_existing_path(path, key, source=source)
+    if not os.path.isfile(path):
+        raise StackError("is a folder, not a weights file", source=source, key=key, value=path,
+                         fix="pass the path of the weights file itself (.pth, .bin, .safetensors)")
+    return path
 
 
 def first_conv(model: nn.Module) -> nn.Conv2d | None:

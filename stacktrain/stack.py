@@ -37,6 +37,7 @@ __all__ = [
     "CostLine",
     "arrange_stack",
     "techniques_of",
+    "reject_duplicate_techniques",
     "notify_parameters_replaced",
     "report_cost",
     "run_dir",
@@ -203,14 +204,7 @@ class Technique(Callback):
                 fix="use strategy 'ddp' (or a single device), or remove this technique from trainer.callbacks",
             )
         others = techniques_of(trainer)
-        if not self.allow_multiple and sum(type(t) is type(self) for t in others) > 1:
-            raise StackError(
-                "is attached more than once; two instances would fight over the same hook point",
-                source=me,
-                key="trainer.callbacks",
-                value=[type(t).__name__ for t in others],
-                fix=f"keep a single {me} in trainer.callbacks",
-            )
+        reject_duplicate_techniques(others)
         # A conflict may name another technique callback or a module-form technique (the model class).
         present = {type(t).__name__ for t in others if t is not self}
         present |= {base.__name__ for base in type(pl_module).__mro__}
@@ -265,6 +259,23 @@ def notify_parameters_replaced(
     for technique in techniques_of(trainer):
         if technique is not source:
             technique.on_parameters_replaced(trainer, pl_module, keep)
+
+
+def reject_duplicate_techniques(callbacks: list[Any]) -> None:
+    """Raise `StackError` if a technique that does not allow several instances is in ``callbacks``
+    twice. `Technique.setup` checks it; ``stacktrain.cli`` checks it before building the Trainer,
+    whose own check (two stateful callbacks with one ``state_key``) is a RuntimeError."""
+    techniques = [c for c in callbacks if isinstance(c, Technique)]
+    for technique in techniques:
+        if not technique.allow_multiple and sum(type(t) is type(technique) for t in techniques) > 1:
+            me = type(technique).__name__
+            raise StackError(
+                "is attached more than once; two instances would fight over the same hook point",
+                source=me,
+                key="trainer.callbacks",
+                value=[type(t).__name__ for t in techniques],
+                fix=f"keep a single {me} in trainer.callbacks",
+            )
 
 
 def techniques_of(trainer: Trainer) -> list[Technique]:

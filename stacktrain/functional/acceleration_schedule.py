@@ -18,6 +18,7 @@ picks, per phase, the candidates with the least cost-adjusted error that fit the
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -187,8 +188,17 @@ def read_schedule_file(path: str, *, source: str = "TokenDropout") -> tuple[Acce
 
     require_existing_path(path, "schedule_file", source=source,
                           fix="run `python -m stacktrain.search_schedule --config X.yaml --out FILE` first")
-    with open(path, encoding="utf-8") as handle:
-        content = yaml.safe_load(handle)
+    if not os.path.isfile(path):
+        raise StackError("is a folder, not a schedule file", source=source, key="schedule_file", value=path,
+                         fix="point to the YAML file written by python -m stacktrain.search_schedule")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise StackError(f"is not valid YAML ({type(error).__name__}: {first})", source=source,
+                         key="schedule_file", value=path,
+                         fix="point to the YAML file written by python -m stacktrain.search_schedule") from error
     if not isinstance(content, Mapping) or "phases" not in content:
         raise StackError("has no 'phases' list", source=source, key="schedule_file", value=path,
                          fix="point to a file written by python -m stacktrain.search_schedule")

@@ -104,12 +104,12 @@ def create_clip_model(
             f"cannot build {model_name}: {error}", source=source, key=f"{key_prefix}.model_kwargs",
             value=model_kwargs, fix="remove or rename the keyword open_clip.create_model does not take",
         ) from error
-    except (RuntimeError, AssertionError, KeyError, ValueError) as error:
+    except Exception as error:  # a foreign or corrupt file: RuntimeError, UnpicklingError, IndexError, KeyError...
         if not pretrained:
             raise
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         raise StackError(
-            f"cannot be loaded into {model_name}: {first_line}", source=source, key=f"{key_prefix}.pretrained",
+            f"cannot be loaded into {model_name} ({type(error).__name__}: {first_line})", source=source, key=f"{key_prefix}.pretrained",
             value=pretrained, fix=f"pass the model_name these weights were trained with, or weights made for {model_name}",
         ) from error
 

@@ -70,7 +70,7 @@ class StagedBackbone(nn.Module):
         super().__init__()
         from timm.models import VisionTransformer
 
-        from stacktrain.models import create_timm_model
+        from stacktrain.models import create_timm_model, require_weights_file
 
         kwargs = dict(model_kwargs or {})
         # Validates the name and the keywords (clear StackErrors) and tells ViTs from CNNs.
@@ -92,6 +92,19 @@ class StagedBackbone(nn.Module):
                     **({"pretrained_cfg_overlay": dict(file=pretrained)} if pretrained else {}), **kwargs,
                 )
             except Exception as error:  # timm raises RuntimeError/ValueError/AttributeError here
+                if pretrained:  # the weights file, not the architecture, may be what failed
+                    require_weights_file(pretrained, f"{key_prefix}.pretrained", source=source)
+                    try:
+                        timm.create_model(model_name, features_only=True, in_chans=in_chans or 3, **kwargs)
+                    except Exception:
+                        pass
+                    else:
+                        raise StackError(
+                            f"cannot be loaded into {model_name} ({type(error).__name__}: "
+                            f"{(str(error).strip().splitlines() or [''])[0][:200]})",
+                            source=source, key=f"{key_prefix}.pretrained", value=pretrained,
+                            fix="pass a weights file saved with torch.save(model.state_dict()) for this backbone",
+                        ) from error
                 raise StackError(
                     f"has no stages that exits can be attached to ({type(error).__name__}: {error})",
                     source=source, key=f"{key_prefix}.backbone", value=model_name,
