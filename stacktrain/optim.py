@@ -49,6 +49,13 @@ def build_scheduler(factory: Callable[..., Any], optimizer: torch.optim.Optimize
             if name in params and given.get(name) is None:
                 extra[name] = int(length)
                 break
+    if cls is torch.optim.lr_scheduler.OneCycleLR:
+        total = extra.get("total_steps", given.get("total_steps"))
+        pct = given.get("pct_start", 0.3)
+        if total and float(pct) * float(total) == 1.0:
+            # OneCycleLR divides by its warm-up length in steps minus one: a warm-up of exactly one
+            # step divides by zero at the first step. One and a half steps keeps the intended shape.
+            extra["pct_start"] = 1.5 / float(total)
     return factory(optimizer, **extra)
 
 

@@ -115,3 +115,19 @@ def test_no_weight_decay_on_norms_biases_and_tokens(tiny_vit_kwargs):
     assert {names[id(p)] for p in decay["params"]} >= {"blocks.0.attn.qkv.weight", "head.weight"}
     assert no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(vit.parameters()))
+
+
+def test_one_cycle_with_a_one_step_warm_up_does_not_divide_by_zero():
+    """pct_start * total_steps == 1 made torch's OneCycleLR divide by zero at its first step."""
+    import functools
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    factory = functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.1, pct_start=0.01)
+    scheduler = build_scheduler(factory, optimizer, 100)
+    rates = []
+    for _ in range(99):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert max(rates) == pytest.approx(0.1, rel=0.05) and rates[-1] < 1e-3
