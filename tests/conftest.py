@@ -32,3 +32,16 @@ def _finish_wandb():
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def micro_clip(tmp_path_factory) -> str:
+    """A randomly initialised micro CLIP saved as a plain open_clip weights file (``pretrained=``)."""
+    import torch
+
+    from stacktrain.functional.clip import create_clip_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip") / "micro.pt"
+    torch.save(create_clip_model("stacktrain-micro-clip").state_dict(), path)
+    return str(path)

@@ -93,16 +93,6 @@ def digit_shards(tmp_path_factory) -> Any:
     return out
 
 
-@pytest.fixture(scope="module")
-def micro_clip(tmp_path_factory) -> str:
-    from stacktrain.functional.clip import create_clip_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip") / "micro.pt"
-    torch.save(create_clip_model("stacktrain-micro-clip").state_dict(), path)
-    return str(path)
-
-
 @pytest.fixture
 def ctx(tmp_path, request) -> SimpleNamespace:
     """What a case may need: a fresh folder, and fixtures fetched only by the cases that use them."""

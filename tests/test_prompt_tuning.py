@@ -22,15 +22,6 @@ from stacktrain.lightning_modules.prompt_tuning import CachedFeatures, FewShotVi
 from stacktrain.stack import FLOPS_PER_STEP, Technique
 
 
-@pytest.fixture(scope="module")
-def micro_clip(tmp_path_factory) -> str:
-    """A randomly initialised micro CLIP saved as a plain open_clip weights file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip") / "micro.pt"
-    torch.save(create_clip_model("stacktrain-micro-clip").state_dict(), path)
-    return str(path)
-
-
 def shapes(**kwargs) -> ShapesDataModule:
     options = dict(train_size=120, val_size=40, test_size=40, batch_size=8)
     options.update(kwargs)

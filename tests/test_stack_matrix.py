@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from ddp_harness import TESTS, check, free_port, run_command
@@ -36,21 +35,11 @@ from stack_matrix_driver import (
     vit_early_exit,
 )
 from stacktrain.errors import StackError
-from stacktrain.functional.clip import create_clip_model
 
 #: technique abbreviation -> its name in the efficiency report
 REPORT_NAMES = {"TD": "token_dropout", "PR": "prune_regrow", "GQ": "grad_quant", "EE": "early_exit",
                 "PT": "prompt_tuning"}
 PAIRS = [name for name in RUNS if " " not in name]
-
-
-@pytest.fixture(scope="module")
-def micro_clip(tmp_path_factory) -> str:
-    """A randomly initialised micro CLIP saved as a plain open_clip weights file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip") / "micro.pt"
-    torch.save(create_clip_model("stacktrain-micro-clip").state_dict(), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -28,15 +28,6 @@ QUICK = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", 
          "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "1"]
 
 
-@pytest.fixture(scope="module")
-def micro_clip(tmp_path_factory) -> str:
-    """A randomly initialised micro CLIP saved as a plain open_clip weights file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip") / "micro.pt"
-    torch.save(create_clip_model("stacktrain-micro-clip").state_dict(), path)
-    return str(path)
-
-
 def report_rows(path) -> dict[tuple[str, str], list[str]]:
     """``(technique, quantity) -> cells`` of an efficiency.md table."""
     rows = {}
