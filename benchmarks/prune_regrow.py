@@ -101,7 +101,8 @@ def train(args: Any, seed: int, prune: dict[str, Any] | None) -> dict[str, Any]:
     callbacks: list[Callback] = [timer]
     explorer = None
     if prune is not None:
-        explorer = PruneRegrow(explore_until=args.explore_until, update_every=args.update_every, **prune)
+        explorer = PruneRegrow(explore_until=args.explore_until, update_every=args.update_every,
+                               channel_multiple=args.channel_multiple, **prune)
         callbacks.append(explorer)
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments.add_argument("--lr", type=float, default=3e-3)
     arguments.add_argument("--explore-until", type=float, default=0.5)
     arguments.add_argument("--update-every", type=int, default=1, help="epochs between prune/regrow updates")
+    arguments.add_argument("--channel-multiple", type=int, default=8,
+                           help="round the allocated widths to a multiple of this (PruneRegrow channel_multiple; 1: off)")
     arguments.add_argument("--infer-batch", type=int, default=256)
     arguments.add_argument("--infer-repeats", type=int, default=30)
     arguments.add_argument("--cifar10", default=None, help="a local CIFAR-10 folder (torchvision layout)")

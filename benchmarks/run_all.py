@@ -52,8 +52,8 @@ def run(name: str, small: bool, results_dir: Path, timeout: float) -> dict:
             output += "\n\n" + "\n".join(done.stderr.strip().splitlines()[-15:])
     except subprocess.TimeoutExpired:
         status, output = f"timed out after {timeout:.0f} s", ""
-    return {"name": name, "status": status, "command": " ".join(Path(c).name if c == sys.executable else c
-                                                             for c in command[1:]),
+    shown = [str(script.relative_to(HERE.parent)), "--out", str(out.relative_to(HERE.parent))] + command[4:]
+    return {"name": name, "status": status, "command": " ".join(shown),
             "seconds": time.perf_counter() - start, "output": output, "json": str(out.relative_to(HERE.parent))}
 
 
@@ -70,7 +70,7 @@ def write_results(entries: list[dict], small: bool, path: Path) -> None:
         "",
     ]
     for entry in entries:
-        lines += [f"## {entry['name']}", "", f"`python benchmarks/{entry['command']}`: {entry['status']} "
+        lines += [f"## {entry['name']}", "", f"`python {entry['command']}`: {entry['status']} "
                   f"in {entry['seconds']:.0f} s (JSON: `{entry.get('json', '')}`)", ""]
         if entry["output"]:
             lines += [entry["output"], ""]

@@ -24,6 +24,7 @@ from stacktrain.functional.channel_selection import (
     l1_scores,
     mask_digest,
     projection_residuals,
+    round_widths,
     sample_regrow,
 )
 from stacktrain.functional.compact_loader import channel_config, load_compact_state_dict
@@ -364,3 +365,29 @@ def test_compact_weights_load_into_a_fresh_dense_model_with_torch_only():
     with torch.no_grad():
         assert torch.equal(shapes(x), model(x))
     assert math.isclose(forward_flops(shapes, x[:1]), forward_flops(model, x[:1]))
+
+
+def test_round_widths_to_a_multiple_keeps_bounds_and_order():
+    counts = torch.tensor([61, 21, 3, 100, 7])
+    sizes = torch.tensor([64, 64, 64, 100, 6])
+    minimum = torch.tensor([4, 4, 4, 5, 1])
+    rounded = round_widths(counts, 8, minimum, sizes)
+    assert rounded.tolist() == [64, 24, 8, 100, 6]  # nearest multiple, the minimum rounded up, capped by size
+    assert torch.equal(round_widths(counts, 1, minimum, sizes), counts)
+    # non-decreasing in the counts, so bisection over the global ranking stays valid
+    previous = None
+    for c in range(0, 65):
+        r = int(round_widths(torch.tensor([c]), 8, torch.tensor([4]), torch.tensor([64]))[0])
+        assert previous is None or r >= previous
+        previous = r
+
+
+def test_allocation_with_a_multiple_meets_the_budget_with_rounded_widths():
+    torch.manual_seed(0)
+    scores = [torch.rand(64), torch.rand(128), torch.rand(256)]
+    allocation = Allocation(scores, [4, 7, 13], multiple=8)
+    cost = lambda counts: float((counts * torch.tensor([1.0, 2.0, 4.0])).sum())  # noqa: E731
+    limit = 0.5 * cost(torch.tensor([64, 128, 256]))
+    counts = allocation.counts(allocation.largest_within(cost, limit))
+    assert all(int(c) % 8 == 0 for c in counts)
+    assert cost(counts) <= limit and cost(counts) >= 0.95 * limit
