@@ -13,6 +13,8 @@ import functools
 
 import pytest
 import torch
+import yaml
+from lightning.pytorch import LightningModule
 
 from conftest import CONFIGS, TINY_VIT
 from ddp_harness import assert_states_equal, check, load_rank_states, run_ddp
@@ -85,3 +87,78 @@ def test_cnn_stack_resumes_exactly(tmp_path, stop_at):
     weights = dict(runs.resumed[0].named_parameters())
     previous = technique(runs, GradientQuantization).state_dict()["hypernet"]["previous"]
     assert previous and all(previous[name]["grad"].shape == weights[name].shape for name in previous)
+
+
+class LinearOnDigits(LightningModule):
+    """A linear classifier whose OneCycleLR takes its length from the trainer, as the stack configs'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16 * 16, 10)
+        self.label_sums: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        self.label_sums.append(int(labels.sum()))
+        return torch.nn.functional.cross_entropy(self.linear(images.flatten(1)), labels)
+
+    def configure_optimizers(self):
+        optimizer = OPTIMIZER(self.parameters())
+        return {"optimizer": optimizer, "lr_scheduler": {"interval": "step", "scheduler": SCHEDULER(
+            optimizer, total_steps=self.trainer.estimated_stepping_batches)}}
+
+
+def test_the_loader_resumes_its_position_when_the_run_length_is_counted_before_the_restore(tmp_path):
+    """With ``max_epochs`` set (as in every config), ``estimated_stepping_batches`` builds the training
+    loader before the checkpoint is restored and Lightning drops the loader's saved position
+    (Lightning-AI/pytorch-lightning#20550): the resumed run trained on the epoch's first batches again.
+    ExactResume loads the position: the resumed run sees batches k+1.. of the uninterrupted run."""
+    runs = stop_and_resume(LinearOnDigits, digits, lambda: [ExactResume()], total=6, stop_at=4, root=tmp_path,
+                           full_length=True, max_epochs=3)
+    assert runs.resumed[0].label_sums == runs.uninterrupted[0].label_sums[4:]
+    assert_resumed_exactly(runs)
+
+
+# ------------------------------------------------------------------------------- two processes
+def cnn_stack_config(tmp_path, *, total: int, checkpoint_every: int):
+    """configs/stack_cnn.yaml for ``total`` steps with exploration updates every 2 steps (compaction
+    at 0.5 * total), a checkpoint every ``checkpoint_every`` steps, no logger and no validation."""
+    config = yaml.safe_load((CONFIGS / "stack_cnn.yaml").read_text())
+    trainer = config["trainer"]
+    trainer.update(logger=False, max_steps=total, limit_val_batches=0, num_sanity_val_steps=0,
+                   enable_progress_bar=False, enable_checkpointing=True)
+    explorer = next(c for c in trainer["callbacks"] if c["class_path"].endswith("PruneRegrow"))
+    explorer["init_args"]["update_every"] = 2
+    trainer["callbacks"].append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": str(tmp_path / "checkpoints"), "every_n_train_steps": checkpoint_every, "save_top_k": -1}})
+    path = tmp_path / "stack_cnn_resume.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.ddp
+def test_cnn_stack_on_two_processes_resumes_exactly_after_compaction(tmp_path):
+    """Two DDP processes, 8 steps (compaction at step 4): the uninterrupted run writes a checkpoint at
+    step 6, the very file a job stopped there leaves (the run is deterministic up to it); a second
+    2-process run resumes from it with ``--ckpt_path`` and ends on every rank with the weights, the
+    BatchNorm statistics and the technique state of the uninterrupted run. The resumed run rebuilds
+    the compacted layers from the checkpoint and re-wraps them in DDP with 4-bit communication."""
+    total, stop_at = 8, 6
+    config = cnn_stack_config(tmp_path, total=total, checkpoint_every=stop_at)
+    (tmp_path / "full").mkdir(), (tmp_path / "resumed").mkdir()
+    check(run_ddp(["fit", "--config", str(config)], workdir=tmp_path / "full", dump_dir=tmp_path / "full" / "ranks"))
+    checkpoint = next((tmp_path / "checkpoints").glob(f"*step={stop_at}*.ckpt"))
+    saved = load_checkpoint_weights_only(str(checkpoint))
+    assert saved["global_step"] == stop_at and saved["callbacks"]["PruneRegrow"]["compacted"]
+    checkpoint = checkpoint.rename(tmp_path / "stopped.ckpt")  # the resumed run writes no step-6 file over it
+    check(run_ddp(["fit", "--config", str(config), "--ckpt_path", str(checkpoint)], workdir=tmp_path / "resumed",
+                  dump_dir=tmp_path / "resumed" / "ranks"))
+    full, resumed = load_rank_states(tmp_path / "full" / "ranks", 2), load_rank_states(tmp_path / "resumed" / "ranks", 2)
+    for rank in (0, 1):
+        assert full[rank]["global_step"] == resumed[rank]["global_step"] == total
+        assert_states_equal(full[rank]["model"], resumed[rank]["model"], f"rank {rank} weights")
+        assert_states_equal(full[rank]["techniques"], resumed[rank]["techniques"], f"rank {rank} technique state")
+    prune = resumed[0]["techniques"]["PruneRegrow"]
+    assert prune["compacted"] and prune["compacted_at"] == total // 2
+    # the 4-bit all-gather ran at every step of the resumed run too
+    assert [row[0] for row in resumed[0]["techniques"]["GradientQuantization"]["bytes_history"]] == list(range(total))
