@@ -5,6 +5,12 @@ Lightning saves the model, the optimizers, the loops and the data-loader positio
 modules use torchdata's ``StatefulDataLoader``), but not the global RNG states of torch, numpy and
 Python. Techniques keep their own generators in their own state; this callback covers everything
 else that draws from the global generators.
+
+It also gives the training loader its saved position when Lightning would drop it: a run whose length
+is counted in batches before the checkpoint is restored (``trainer.estimated_stepping_batches`` with
+``max_epochs`` set, as OneCycleLR's ``total_steps`` or a technique's schedule needs) builds the loader
+early, and Lightning then never loads the loader state (Lightning-AI/pytorch-lightning#20550): the
+resumed run would start again from the epoch's first batch.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-__all__ = ["ExactResume", "collect_rng_state", "restore_rng_state"]
+__all__ = ["ExactResume", "collect_rng_state", "restore_loader_position", "restore_rng_state"]
 
 
 def collect_rng_state() -> dict[str, Any]:
@@ -44,6 +50,23 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_loader_position(trainer: Trainer) -> bool:
+    """Load the checkpoint's training-loader states that Lightning left pending (#20550); True if it did.
+
+    Lightning's own order on resume is: load the loader states, then create the loader's iterator. When
+    the loader was built before the restore, its iterator exists already (no batch drawn yet): load the
+    states and create the iterator again, before the first batch (``on_train_start``). A no-op when
+    Lightning has loaded the states itself (it empties the pending list) or when not resuming."""
+    fit_loop = trainer.fit_loop
+    pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
+    if not pending or not fit_loop.restarting or fit_loop._combined_loader is None:
+        return False
+    fit_loop._load_combined_loader_states()
+    if fit_loop._data_fetcher is not None:
+        iter(fit_loop._data_fetcher)  # the iterator starts where the loaded states say
+    return True
+
+
 class ExactResume(Callback):
     """Saves the global RNG states of this rank with every checkpoint and restores them on resume.
 
@@ -61,6 +84,7 @@ class ExactResume(Callback):
         self._loaded = state_dict["rng"]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        restore_loader_position(trainer)
         # Restore as late as possible, after set-up code that draws random numbers on resume only.
         if self._loaded is None:
             return
