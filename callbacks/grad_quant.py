@@ -254,6 +254,7 @@ class GradientQuantization(Technique):
                              value=type(model).__name__, fix="use strategy 'ddp'")
         self.comm = CompressedCommState(self.communication_bits, process_group=getattr(model, "process_group", None),
                                         stochastic=self.stochastic_rounding)
+        self.comm.index_parameters(model.module)
         model.register_comm_hook(self.comm, quantized_allgather_hook)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

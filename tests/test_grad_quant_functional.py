@@ -408,7 +408,7 @@ def single_process_group(tmp_path):
 
 
 @pytest.mark.parametrize(("bits", "bound"), [(8, 0.27), (4, 0.14)])
-def test_compressed_hook_sends_k_bit_codes_and_one_scale_per_bucket(single_process_group, bits, bound):
+def test_compressed_hook_sends_k_bit_codes_and_one_scale_per_parameter(single_process_group, bits, bound):
     from stacktrain.functional.quantize import CompressedCommState, quantized_allgather_hook
 
     torch.manual_seed(0)
@@ -425,13 +425,39 @@ def test_compressed_hook_sends_k_bit_codes_and_one_scale_per_bucket(single_proce
     sent, fp32, buckets = state.take_counts()
     numel = reference.numel()
     assert fp32 == 4 * numel
-    assert sent == payload_bytes(numel, bits) + 4 * buckets  # packed codes + a float32 scale per bucket
-    assert sent / fp32 <= bound
-    got = torch.cat([p.grad.flatten() for p in model.parameters()])
-    step = reference.abs().max() / max_code(bits)  # one bucket here: one scale for everything
-    assert buckets == 1 and ((got - reference).abs() <= step * (1 + 1e-5)).all()
-    assert len(torch.unique(got)) <= 2 * max_code(bits) + 1
+    parameters = list(model.parameters())
+    assert sent == payload_bytes(numel, bits) + 4 * len(parameters)  # packed codes + a float32 scale per parameter
+    assert sent / fp32 <= bound and buckets == 1
+    for parameter, grad in zip(parameters, torch.split(reference, [p.numel() for p in parameters])):
+        step = grad.abs().max() / max_code(bits)  # each parameter's own scale
+        assert ((parameter.grad.flatten() - grad).abs() <= step * (1 + 1e-5)).all()
+        assert len(torch.unique(parameter.grad)) <= 2 * max_code(bits) + 1
     assert state.take_counts() == (0, 0, 0)
+
+
+def test_compressed_hook_result_does_not_depend_on_the_bucket_layout(single_process_group):
+    """One scale and one noise stream per parameter: the same gradients whether DDP puts all
+    parameters in one bucket or each in its own (a resumed run's fresh DDP groups them otherwise)."""
+    from stacktrain.functional.quantize import CompressedCommState, quantized_allgather_hook
+
+    results = []
+    for bucket_cap_mb in (25.0, 0.0001):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
+        state = CompressedCommState(4)
+        state.index_parameters(model)
+        ddp.register_comm_hook(state, quantized_allgather_hook)
+        x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+        for _ in range(2):  # DDP rebuilds its buckets (by bucket_cap_mb) after the first backward
+            model.zero_grad()
+            state.take_counts()
+            state.reseed(7)
+            F.cross_entropy(ddp(x), y).backward()
+        results.append(([p.grad.clone() for p in model.parameters()], state.take_counts()[2]))
+    (one, buckets_one), (many, buckets_many) = results
+    assert buckets_one == 1 and buckets_many > 1
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
 
 
 def test_compressed_hook_turns_a_non_finite_bucket_into_nan_for_the_grad_scaler(single_process_group):

@@ -137,11 +137,6 @@ def cnn_stack_config(tmp_path, *, total: int, checkpoint_every: int):
 
 
 @pytest.mark.ddp
-@pytest.mark.xfail(strict=True, reason=(
-    "not exact yet: the 4-bit all-gather (quantized_allgather_hook) takes one max-abs scale and one noise "
-    "stream per DDP gradient bucket, and a freshly wrapped DDP model (the resumed run) uses other buckets "
-    "than the one that has rebuilt them after its first step (the uninterrupted run); exact with "
-    "communication_bits=None. Fix: quantize per parameter inside the bucket, seeded per parameter."))
 def test_cnn_stack_on_two_processes_resumes_exactly_after_compaction(tmp_path):
     """Two DDP processes, 8 steps (compaction at step 4): the uninterrupted run writes a checkpoint at
     step 6, the very file a job stopped there leaves (the run is deterministic up to it); a second

@@ -227,6 +227,13 @@ class _Generators:
         for generator in self.by_device.values():
             generator.manual_seed(self.seed)
 
+    def for_parameter(self, device: torch.device, index: int) -> torch.Generator:
+        """A generator for one parameter, seeded from this stream's seed and the parameter's index:
+        the same noise whatever else is quantized in the same call."""
+        generator = self.get(device)
+        generator.manual_seed(mix_seed(self.seed, index))
+        return generator
+
     def get(self, device: torch.device) -> torch.Generator:
         generator = self.by_device.get(device)
         if generator is None:
@@ -407,12 +414,19 @@ class CompressedCommState:
         self.process_group = process_group
         self.stochastic = bool(stochastic)
         self.generators = _Generators()
+        #: id(parameter) -> its index in the model: seeds each parameter's rounding noise (set by
+        #: `index_parameters`; a parameter not in it uses its position in the bucket)
+        self.parameter_index: dict[int, int] = {}
         self.bytes_sent = 0
         self.bytes_fp32 = 0
         self.buckets = 0
 
     def reseed(self, seed: int) -> None:
         self.generators.reseed(seed)
+
+    def index_parameters(self, model: torch.nn.Module) -> None:
+        """Number the model's parameters (their order in ``model.parameters()``)."""
+        self.parameter_index = {id(p): i for i, p in enumerate(model.parameters())}
 
     def take_counts(self) -> tuple[int, int, int]:
         """(bytes sent, fp32 all-reduce bytes, buckets) since the last call; resets the counters."""
@@ -424,33 +438,47 @@ class CompressedCommState:
 def quantized_allgather_hook(state: CompressedCommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: k-bit gradients instead of an fp32 all-reduce.
 
-    Each rank quantizes its bucket with one max-abs scale (stochastic rounding), packs the codes
-    (two per byte at 4 bits) and appends the scale's 4 bytes; one all-gather of these bytes, then
-    every rank dequantizes all ranks' buckets and averages them in rank order, so every rank ends
-    with the same gradient. Works on gloo and NCCL. A non-finite value in a bucket is sent as a
-    non-finite scale, which makes the whole averaged bucket non-finite on every rank: AMP's grad
-    scaler then skips the step, as it would after an fp32 all-reduce.
+    Each rank quantizes every parameter's gradient in the bucket with its own max-abs scale and its
+    own rounding noise (seeded from the step's seed and the parameter's index in the model), packs
+    the codes (two per byte at 4 bits) and appends the float32 scales; one all-gather of these bytes,
+    then every rank dequantizes all ranks' gradients and averages them in rank order, so every rank
+    ends with the same gradient. Per parameter, not per bucket, so the result does not depend on how
+    DDP groups parameters into buckets (a resumed run's fresh DDP model groups them differently).
+    Works on gloo and NCCL. A non-finite value in a bucket is sent as non-finite scales, which makes
+    the whole averaged bucket non-finite on every rank: AMP's grad scaler then skips the step, as it
+    would after an fp32 all-reduce.
     """
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     buffer = bucket.buffer()
     values = buffer.detach().float()
-    q = quantize(values, state.bits, stochastic=state.stochastic, generator=state.generators.get(values.device))
+    sizes = [g.numel() for g in bucket.gradients()]
+    indices = [state.parameter_index.get(id(p), position) for position, p in enumerate(bucket.parameters())]
+    codes, scales, start = [], [], 0
+    for size, index in zip(sizes, indices):
+        generator = state.generators.for_parameter(values.device, index)
+        q = quantize(values[start : start + size], state.bits, stochastic=state.stochastic, generator=generator)
+        codes.append(q.codes.reshape(-1))
+        scales.append(q.scale.reshape(1).float())
+        start += size
     finite = torch.isfinite(values).all()
-    scale = torch.where(finite, q.scale, torch.full_like(q.scale, math.nan)).reshape(1)
-    payload = torch.cat([pack_codes(q.codes, state.bits), scale.view(torch.uint8)])
+    scale = torch.cat(scales)
+    scale = torch.where(finite, scale, torch.full_like(scale, math.nan))
+    payload = torch.cat([pack_codes(torch.cat(codes), state.bits), scale.view(torch.uint8)])
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
     state.bytes_sent += payload.numel()
     state.bytes_fp32 += buffer.numel() * 4
     state.buckets += 1
     work = _ALL_GATHER_SINGLE(gathered, payload, group=group, async_op=True)
-    numel = buffer.numel()
+    numel, count = buffer.numel(), len(sizes)
+    repeats = torch.tensor(sizes, device=payload.device)
 
     def decode(future: torch.futures.Future) -> torch.Tensor:
         rows = gathered.view(world, -1)
-        codes = unpack_codes(rows[:, :-4], state.bits, numel).float()
-        scales = rows[:, -4:].clone(memory_format=torch.contiguous_format).view(torch.float32)  # [world, 1], aligned
-        mean = (codes * scales).sum(dim=0) / world
+        codes_all = unpack_codes(rows[:, : -4 * count], state.bits, numel).float()
+        # [world, count] scales (copied out of the byte rows so that the float view is aligned)
+        per_parameter = rows[:, -4 * count :].clone(memory_format=torch.contiguous_format).view(torch.float32)
+        mean = (codes_all * per_parameter.repeat_interleave(repeats, dim=1)).sum(dim=0) / world
         buffer.copy_(mean.to(buffer.dtype))
         return buffer
 
