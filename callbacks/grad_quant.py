@@ -59,7 +59,7 @@ class GradientQuantization(Technique):
             `stacktrain.functional.metagrad`).
         stochastic_rounding: unbiased stochastic rounding (default) or round to nearest.
         communication_bits: 8 or 4: under DDP, replace the fp32 gradient all-reduce by a k-bit
-            all-gather (one scale per bucket) through a DDP communication hook that this callback
+            all-gather (one scale per parameter) through a DDP communication hook that this callback
             registers itself, on gloo and NCCL alike. Without DDP there is nothing to send and it
             does nothing.
         hypernet_hidden: hidden width of the hypernetwork.
