@@ -14,6 +14,7 @@ after each optimizer step).
 
 from __future__ import annotations
 
+import abc
 import copy
 from typing import Any, Literal
 
@@ -41,7 +42,7 @@ from stacktrain.optim import configure_optimization, weight_decay_groups
 __all__ = ["ContrastiveLearner", "SimCLR", "MoCoV3", "DINO"]
 
 
-class ContrastiveLearner(LightningModule):
+class ContrastiveLearner(LightningModule, abc.ABC):
     """Shared part of the SSL modules: the backbone, the optimizer, the data checks and the k-NN evaluation.
 
     Args:
@@ -134,9 +135,9 @@ class ContrastiveLearner(LightningModule):
         """Backbone features (what the k-NN evaluation and downstream tasks use)."""
         return self.backbone(images)
 
+    @abc.abstractmethod
     def objective(self, views: list[torch.Tensor]) -> torch.Tensor:
         """The self-supervised loss of one batch of views (global views first)."""
-        raise NotImplementedError
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         views, _ = batch
