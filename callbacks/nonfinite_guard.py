@@ -20,6 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
 from stacktrain.errors import StackError, require_number
+from stacktrain.optim import all_finite
 
 __all__ = ["NonFiniteGuard"]
 
@@ -48,7 +49,8 @@ class NonFiniteGuard(Callback):
         self.max_consecutive = max_consecutive
         self.skipped_steps = 0
         self.consecutive = 0
-        self._loss_finite = True
+        #: whether the step's micro-batch losses were all finite, as a tensor: read only on a skip
+        self._loss_finite: torch.Tensor | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Last among the callbacks, so that techniques reading the gradients before the step
@@ -58,19 +60,20 @@ class NonFiniteGuard(Callback):
             trainer.callbacks = [c for c in callbacks if c is not self] + [self]
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
-        if self._loss_finite and not bool(torch.isfinite(loss.detach()).all()):
-            self._loss_finite = False
+        finite = torch.isfinite(loss.detach()).all()
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        loss_finite, self._loss_finite = self._loss_finite, True
+        loss_finite_flag, self._loss_finite = self._loss_finite, None
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return  # AMP's GradScaler skips non-finite steps itself
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or _all_finite(grads):
+        if not grads or bool(all_finite(grads)):
             self.consecutive = 0
             return
+        loss_finite = loss_finite_flag is None or bool(loss_finite_flag)
         for group in optimizer.param_groups:
             for parameter in group["params"]:
                 parameter.grad = None
@@ -97,9 +100,3 @@ class NonFiniteGuard(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.consecutive = int(state_dict.get("consecutive", 0))
-
-
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every entry of every tensor is finite, with one host synchronisation."""
-    flags = torch.stack([torch.isfinite(t).all() for t in tensors])
-    return bool(flags.all())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -57,6 +57,12 @@ def build_scheduler(factory: Callable[..., Any], optimizer: torch.optim.Optimize
             # step divides by zero at the first step. One and a half steps keeps the intended shape.
             extra["pct_start"] = 1.5 / float(total)
     return factory(optimizer, **extra)
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Whether every entry of every tensor is finite, as one boolean tensor (no host
+    synchronisation until the caller reads it)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
 def weight_decay_groups(model: nn.Module, exclude_norm_and_bias: bool = True) -> list[dict[str, Any]]:

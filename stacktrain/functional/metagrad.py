@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from stacktrain.errors import require_choice, require_number
+from stacktrain.optim import all_finite
 
 __all__ = ["HYPERNET_INPUTS", "GradientHyperNetwork", "MetaGradCompensation", "ParamUpdate"]
 
@@ -154,8 +155,7 @@ class MetaGradCompensation:
         grads = [p.grad for _, p, _ in params if p.grad is not None]
         if not grads:
             return False
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if not bool(finite):
+        if not bool(all_finite(grads)):
             self._pending = {}
             return False
         self.optimizer.zero_grad(set_to_none=True)
