@@ -188,8 +188,6 @@ def pretrain_clip(
         raise StackError("already exists", source="pretrain_clip", key="out_path", value=out_path,
                          fix="choose a new path or move the existing file away")
     seed_everything(seed, workers=True, verbose=False)
-    # OneCycleLR divides by its warm-up length in steps minus one: keep at least two warm-up steps
-    warmup_fraction = min(0.5, max(warmup_fraction, 2.0 / max(steps, 1)))
     module = CLIPPretraining(
         model_name=model_name,
         optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98), eps=1e-6,
