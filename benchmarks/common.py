@@ -110,13 +110,14 @@ class LoopTimer(Callback):
 
     def __init__(self, warmup_steps: int = 0) -> None:
         self.warmup_steps = warmup_steps
+        self.start: tuple[float, float] | None = None
 
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
         if self.warmup_steps == 0:
             self.start = (time.perf_counter(), time.process_time())
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.warmup_steps and trainer.global_step == self.warmup_steps and not hasattr(self, "start"):
+        if self.start is None and trainer.global_step == self.warmup_steps:
             self.start = (time.perf_counter(), time.process_time())
 
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
