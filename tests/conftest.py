@@ -14,6 +14,9 @@ os.environ.setdefault("WANDB_DISABLE_CODE", "true")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 REPO = Path(__file__).resolve().parents[1]
+# the benchmarks (a folder of scripts, not part of the installed package) import as `benchmarks`
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 CONFIGS = REPO / "configs"
 
 #: A ViT small enough for unit tests on 16x16 grayscale digits (17 tokens, ~30k parameters).

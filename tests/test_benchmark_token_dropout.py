@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-
-from conftest import REPO
-
-sys.path.insert(0, str(REPO))
 
 
 def test_token_dropout_benchmark_small(tmp_path):

@@ -370,11 +370,7 @@ def test_two_processes_with_int4_communication_end_with_identical_weights(tmp_pa
 # ----------------------------------------------------------------------------------- benchmark
 def test_benchmark_small_mode_writes_its_table(tmp_path):
     import json
-    import sys
 
-    from conftest import REPO
-
-    sys.path.insert(0, str(REPO))
     from benchmarks import grad_quant
 
     out = tmp_path / "grad_quant.json"

@@ -5,11 +5,6 @@ No accuracy or timing is asserted: at this size the numbers mean nothing."""
 from __future__ import annotations
 
 import json
-import sys
-
-from conftest import REPO
-
-sys.path.insert(0, str(REPO))
 
 
 def test_prompt_tuning_benchmark_small(tmp_path, monkeypatch):

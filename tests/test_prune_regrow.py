@@ -16,7 +16,7 @@ import torchvision
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import REPO, TINY_VIT
+from conftest import TINY_VIT
 from ddp_harness import assert_states_equal, subprocess_env
 from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only, stop_and_resume
 from stacktrain.callbacks import EfficiencyReport, ExactResume, PruneRegrow
@@ -276,7 +276,6 @@ def test_export_loads_without_stacktrain_and_gives_the_masked_logits(tmp_path):
 
 
 def test_benchmark_runs_in_small_mode(tmp_path):
-    sys.path.insert(0, str(REPO))
     from benchmarks import prune_regrow
 
     results = prune_regrow.main(["--small", "--out", str(tmp_path / "bench.json")])
