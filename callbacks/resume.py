@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 __all__ = ["ExactResume", "collect_rng_state", "restore_loader_position", "restore_rng_state"]
 
@@ -68,27 +70,44 @@ def restore_loader_position(trainer: Trainer) -> bool:
 
 
 class ExactResume(Callback):
-    """Saves the global RNG states of this rank with every checkpoint and restores them on resume.
+    """Saves the global RNG states with every checkpoint and restores them on resume.
 
-    Under DDP every rank saves its own states (a checkpoint holds rank 0's file only, so the other
-    ranks restore rank 0's state offset by their rank: each rank draws differently, as before).
+    Under DDP a checkpoint is written by rank 0 only, so the states of every rank are gathered into it
+    (``rng_by_rank``); each rank restores its own. A run resumed on another number of processes (or
+    from a checkpoint that holds one rank's states) restores rank 0's states, offset by the rank on
+    the other ranks: each rank still draws differently, but not what the uninterrupted run drew.
     """
 
     def __init__(self) -> None:
         self._loaded: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": collect_rng_state()}
+        # Lightning builds the checkpoint on every rank (only rank 0 writes it): the gather is collective.
+        own = collect_rng_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, own)
+            return {"rng_by_rank": gathered}
+        return {"rng_by_rank": [own]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._loaded = state_dict["rng"]
+        self._loaded = state_dict
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         restore_loader_position(trainer)
         # Restore as late as possible, after set-up code that draws random numbers on resume only.
         if self._loaded is None:
             return
-        restore_rng_state(self._loaded)
-        if trainer.global_rank:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,))) + trainer.global_rank)
+        per_rank = self._loaded.get("rng_by_rank") or [self._loaded["rng"]]  # "rng": checkpoints before 2026-11-24
         self._loaded = None
+        rank = trainer.global_rank
+        if len(per_rank) == trainer.world_size:
+            restore_rng_state(per_rank[rank])
+            return
+        if len(per_rank) > 1:
+            rank_zero_warn(f"stacktrain: ExactResume: the checkpoint holds the random-number states of "
+                           f"{len(per_rank)} processes and this run has {trainer.world_size}: every rank "
+                           f"continues from rank 0's, offset by its rank (not the draws of an uninterrupted run)")
+        restore_rng_state(per_rank[0])
+        if rank:
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,))) + rank)

@@ -87,3 +87,54 @@ def test_resume_from_an_epochs_last_batch_is_exact(tmp_path, tiny_vit_kwargs):
             total=stop_at + 2, stop_at=stop_at, root=tmp_path / str(stop_at), limit_train_batches=limit,
         )
         assert_resumed_exactly(runs)
+
+
+def _resuming_trainer(rank: int, world_size: int):
+    """What ExactResume.on_train_start reads of a trainer that is not resuming a loader position."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(global_rank=rank, world_size=world_size,
+                           fit_loop=SimpleNamespace(_combined_loader_states_to_load=None))
+
+
+def test_each_rank_resumes_its_own_random_states():
+    """The checkpoint holds every rank's states (gathered under DDP); rank r restores saved rank r's."""
+    from stacktrain.callbacks.resume import collect_rng_state
+
+    saved = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        saved.append(collect_rng_state())
+    expected = [torch.rand(3, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    for rank in (0, 1):
+        callback = ExactResume()
+        callback.load_state_dict({"rng_by_rank": saved})
+        torch.manual_seed(99)
+        callback.on_train_start(_resuming_trainer(rank, 2), None)
+        assert torch.equal(torch.rand(3), expected[rank])
+
+
+def test_another_world_size_continues_from_rank_zero_offset_by_rank(recwarn):
+    from stacktrain.callbacks.resume import collect_rng_state
+
+    torch.manual_seed(1)
+    rank0 = collect_rng_state()
+    draws = []
+    for rank in (0, 1, 2):
+        callback = ExactResume()
+        callback.load_state_dict({"rng_by_rank": [rank0, rank0]})  # saved by 2 processes, resumed on 3
+        callback.on_train_start(_resuming_trainer(rank, 3), None)
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], torch.rand(3, generator=torch.Generator().manual_seed(1)))
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+    assert any("holds the random-number states of 2 processes and this run has 3" in str(w.message) for w in recwarn)
+
+
+def test_a_checkpoint_from_before_the_per_rank_states_still_resumes():
+    from stacktrain.callbacks.resume import collect_rng_state
+
+    torch.manual_seed(5)
+    callback = ExactResume()
+    callback.load_state_dict({"rng": collect_rng_state()})
+    callback.on_train_start(_resuming_trainer(0, 1), None)
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(5)))

@@ -1,4 +1,4 @@
-"""Exact resume of the stacks (configs/stack_vit.yaml, configs/stack_cnn.yaml): N steps uninterrupted
+"""Exact resume of the stacks (configs/stack_vit.yaml, stack_cnn.yaml, stack_clip.yaml): N steps uninterrupted
 vs. stopped at step k and resumed from the checkpoint give identical weights and technique state, on
 one process (in-process, through tests/resume_harness.py) and on two (DDP, through train.py).
 
@@ -20,8 +20,8 @@ from conftest import CONFIGS, TINY_VIT
 from ddp_harness import assert_states_equal, check, load_rank_states, run_ddp
 from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only, stop_and_resume
 from stacktrain.callbacks import ExactResume, GradientQuantization, PruneRegrow, TokenDropout
-from stacktrain.datamodules import DigitsDataModule
-from stacktrain.lightning_modules import BoostedEarlyExit, ImageClassifier
+from stacktrain.datamodules import DigitsDataModule, ShapesDataModule
+from stacktrain.lightning_modules import BoostedEarlyExit, ImageClassifier, PromptTunedCLIP
 
 #: As the stack configs: AdamW and a OneCycleLR whose length comes from the trainer.
 OPTIMIZER = functools.partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.05)
@@ -87,6 +87,25 @@ def test_cnn_stack_resumes_exactly(tmp_path, stop_at):
     weights = dict(runs.resumed[0].named_parameters())
     previous = technique(runs, GradientQuantization).state_dict()["hypernet"]["previous"]
     assert previous and all(previous[name]["grad"].shape == weights[name].shape for name in previous)
+
+
+def test_clip_stack_resumes_exactly(tmp_path, micro_clip):
+    """configs/stack_clip.yaml on a micro CLIP: the prompt, its SGD momentum, the noisy-label sample
+    selection and the token masks of the frozen visual tower (no feature cache) continue exactly."""
+    runs = stop_and_resume(
+        lambda: PromptTunedCLIP("stacktrain-micro-clip", pretrained=micro_clip, n_ctx=4, shots=4, label_noise=0.25,
+                                loss="gce", gce_q=0.5, cache_features=False,
+                                optimizer=functools.partial(torch.optim.SGD, lr=0.002, momentum=0.9),
+                                lr_scheduler=functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.002,
+                                                               pct_start=0.01, div_factor=1.0)),
+        lambda: ShapesDataModule(train_size=120, val_size=40, test_size=40, batch_size=8, blur=1.0),
+        lambda: [TokenDropout(keep_ratio=0.5), ExactResume()],
+        total=6, stop_at=3, root=tmp_path, full_length=True,
+    )
+    assert_resumed_exactly(runs)
+    saved = load_checkpoint_weights_only(runs.checkpoint)
+    assert {"TokenDropout", "ExactResume"} <= set(saved["callbacks"])
+    assert list(saved["state_dict"]) == ["prompt.ctx"]
 
 
 class LinearOnDigits(LightningModule):

@@ -1,0 +1,73 @@
+"""Exact resume on 2 DDP processes for every technique alone and every stack config: N steps
+uninterrupted vs. stopped at step k and resumed from the checkpoint end with identical weights,
+optimizer state and technique state on each rank, and the checkpoint loads with
+``torch.load(weights_only=True)``.
+
+All the runs are fits in ONE 2-process launch of tests/resume_ddp_driver.py (import cost paid once).
+The one-process resume of each technique is in its own test file; of the stacks in
+tests/test_stack_resume.py; the CNN stack also resumes through ``train.py fit --ckpt_path`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from ddp_harness import TESTS, check, free_port, run_command
+from resume_ddp_driver import SCENARIOS
+from stack_matrix_driver import STATS
+
+#: the techniques each scenario's checkpoint must hold state for (besides ExactResume's RNG states)
+SAVED = {
+    "TokenDropout": {"TokenDropout"},
+    "PruneRegrow": {"PruneRegrow"},
+    "GradientQuantization": {"GradientQuantization"},
+    "BoostedEarlyExit": set(),  # a module: its state (exit thresholds) is in the weights
+    "PromptTunedCLIP": set(),  # a module: the prompt and the selected samples are in its own checkpoint keys
+    "stack_vit": {"TokenDropout", "GradientQuantization"},
+    "stack_cnn": {"PruneRegrow", "GradientQuantization"},
+    "stack_clip": {"TokenDropout"},
+}
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, micro_clip) -> list[dict]:
+    workdir = tmp_path_factory.mktemp("resume_ddp")
+    port = free_port()
+    check(run_command(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port), TESTS / "resume_ddp_driver.py",
+         "--out", workdir / "out", "--clip", micro_clip],
+        workdir=workdir, env={"MASTER_PORT": str(port)}, threads=1, timeout=400,
+    ))
+    return [json.loads((workdir / "out" / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_every_technique_and_stack_config_is_covered():
+    assert set(SAVED) == set(SCENARIOS)
+    stacks = {path.stem for path in TESTS.parent.joinpath("configs").glob("stack_*.yaml")}
+    assert stacks and stacks <= set(SCENARIOS)
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_resume_on_two_processes_is_exact(resumed, name):
+    for rank, results in enumerate(resumed):
+        result = results[name]
+        assert result["status"] == "ok", f"rank {rank}:\n{result.get('error')}"
+        full, again = result["uninterrupted"], result["resumed"]
+        assert result["stopped_at"] == SCENARIOS[name].stop_at
+        assert full["global_step"] == again["global_step"] == result["total"]
+        differing = sorted(k for k in full["tensors"] if full["tensors"][k] != again["tensors"].get(k))
+        assert full["weights"] == again["weights"], f"rank {rank}: weights differ: {differing[:8]}"
+        assert full["optimizer"] == again["optimizer"], f"rank {rank}: optimizer state differs"
+        assert full["techniques"] == again["techniques"], f"rank {rank}: technique state differs"
+    # both ranks end with the same weights (DDP; BatchNorm running statistics are per rank)
+    first, second = ({k: v for k, v in results[name]["resumed"]["tensors"].items() if not k.endswith(STATS)}
+                     for results in resumed)
+    assert first == second, sorted(k for k in first if first[k] != second.get(k))[:8]
+    rank0 = resumed[0][name]
+    assert rank0["checkpoint_step"] == SCENARIOS[name].stop_at
+    assert {"ExactResume", *SAVED[name]} <= set(rank0["checkpoint_callbacks"])
