@@ -102,9 +102,13 @@ def test_token_dropout_in_prompt_tuning_compounds_with_it(matrix):
 
 @pytest.mark.ddp
 def test_list_order_does_not_change_the_run(matrix):
-    """DESIGN.md contract 7 on the pair that both rewrite the weights after the optimizer step
-    (MetaGrad's hypernetwork, then PruneRegrow's masks and compaction): [PR, GQ] and [GQ, PR] run in
-    the same stack order and end bitwise identical (weights, BatchNorm statistics, technique states)."""
+    """DESIGN.md contract 7 on the pair that both shape the weights' update (MetaGrad's hypernetwork
+    rewrites the gradients before the step, PruneRegrow masks the weights after it and compacts):
+    [PR, GQ] and [GQ, PR] run in the same stack order and end bitwise identical (weights, BatchNorm
+    statistics, technique states). The two act in different phases of the step, so their results
+    would agree even unsorted (checked by hand with `arrange_stack` disabled): what this test can
+    catch is the hooks running in the user's order (``stack``); test_stack.py shows with techniques
+    whose result depends on the order that sorting them is what makes the run order-independent."""
     for results in matrix:
         listed, reversed_ = results["PR+GQ"], results["PR+GQ reversed"]
         assert listed["status"] == reversed_["status"] == "ok", reversed_.get("error")
