@@ -18,7 +18,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,38 @@ def run_ddp(
     if dump_dir is not None:
         extra += ["--trainer.callbacks+=ddp_harness.DumpState", f"--trainer.callbacks.dirpath={dump_dir}"]
     return run_cli([*args, *extra], workdir=workdir, env=env, timeout=timeout, threads=1)
+
+
+def launch_driver(script: str, workdir: Path, *args: Any, nprocs: int = 2, timeout: float = 400) -> list[dict[str, Any]]:
+    """Run ``tests/<script>`` as ``nprocs`` processes under ``torch.distributed.run`` (one thread each)
+    with ``--out <workdir>/out`` and ``args``; returns each rank's ``rank<k>.json`` (see `drive`)."""
+    import json
+
+    port = free_port()
+    check(run_command(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nprocs),
+         "--master-addr", "127.0.0.1", "--master-port", str(port), TESTS / script, "--out", workdir / "out", *args],
+        workdir=workdir, env={"MASTER_PORT": str(port)}, threads=1, timeout=timeout,
+    ))
+    return [json.loads((workdir / "out" / f"rank{rank}.json").read_text()) for rank in range(nprocs)]
+
+
+def drive(names: Sequence[str], run_one: Callable[[str], dict[str, Any]], out: Path) -> None:
+    """A driver's main loop, in each process of a `launch_driver` launch: ``run_one(name)`` for every
+    name, one after the other in the same process group; ``rank<k>.json`` holds per name its status
+    (``ok`` with what ``run_one`` returned, or ``error`` with the traceback), rewritten after each."""
+    import json
+    import traceback
+
+    rank = int(os.environ.get("RANK", "0"))
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    for name in names:
+        try:
+            results[name] = {"status": "ok", **run_one(name)}
+        except Exception:  # recorded, and the next run goes on in the same process group
+            results[name] = {"status": "error", "error": traceback.format_exc()}
+        (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1, sort_keys=True))
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
-import os
 import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,7 +39,8 @@ from lightning.pytorch.strategies import DDPStrategy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import CONFIGS, TINY_VIT  # noqa: E402
-from ddp_harness import technique_states  # noqa: E402
+from ddp_harness import drive, technique_states  # noqa: E402
+from resume_harness import StopAt  # noqa: E402
 from stack_matrix_driver import cnn_classifier, cnn_early_exit, digest, digits, prompt_tuned, shapes  # noqa: E402
 from stacktrain.callbacks import ExactResume, GradientQuantization, PruneRegrow, TokenDropout  # noqa: E402
 from stacktrain.cli import StackCLI  # noqa: E402
@@ -51,17 +49,6 @@ from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
 #: Options that shorten a run without changing what it does, for the config-built stacks.
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
          "false", "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false"]
-
-
-class StopAt(Callback):
-    """Stops a run configured for more steps once ``step`` optimizer steps are done (pre-emption)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 @dataclass
@@ -192,17 +179,8 @@ def main() -> None:
     parser.add_argument("--clip", required=True, help="open_clip weights of stacktrain-micro-clip")
     parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), help="which ones (default: all)")
     args = parser.parse_args()
-    rank = int(os.environ.get("RANK", "0"))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    for name in args.scenarios:
-        try:
-            results[name] = {"status": "ok", **run_scenario(name, args.clip, out / "runs" / name)}
-        except Exception:  # recorded, and the next scenario goes on in the same process group
-            results[name] = {"status": "error", "error": traceback.format_exc()}
-        (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1, sort_keys=True))
-
+    drive(args.scenarios, lambda name: run_scenario(name, args.clip, out / "runs" / name), out)
 
 if __name__ == "__main__":
     main()

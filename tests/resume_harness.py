@@ -47,7 +47,7 @@ def _trainer(max_steps: int, callbacks: list[Callback], root: str, **kwargs: Any
     return Trainer(callbacks=callbacks, **options)
 
 
-class _StopAt(Callback):
+class StopAt(Callback):
     """Stops a run configured for more steps once ``step`` optimizer steps are done."""
 
     def __init__(self, step: int) -> None:
@@ -82,7 +82,7 @@ def stop_and_resume(
     ckpt_dir = os.path.join(root, "stopped")
     saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=stop_at, save_top_k=-1)
     if full_length:
-        stopped = _trainer(total, [*make_callbacks(), saver, _StopAt(stop_at)], root, **trainer_kwargs)
+        stopped = _trainer(total, [*make_callbacks(), saver, StopAt(stop_at)], root, **trainer_kwargs)
     else:
         stopped = _trainer(stop_at, [*make_callbacks(), saver], root, **trainer_kwargs)
     stopped.fit(make_module(), make_data())

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import sys
-import traceback
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -38,7 +35,7 @@ from lightning.pytorch.strategies import DDPStrategy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import TINY_VIT  # noqa: E402
-from ddp_harness import technique_states  # noqa: E402
+from ddp_harness import drive, technique_states  # noqa: E402
 from stacktrain.callbacks import EfficiencyReport, GradientQuantization, PruneRegrow, TokenDropout  # noqa: E402
 from stacktrain.datamodules import DigitsDataModule, ShapesDataModule  # noqa: E402
 from stacktrain.lightning_modules import BoostedEarlyExit, ImageClassifier, PromptTunedCLIP  # noqa: E402
@@ -222,17 +219,8 @@ def main() -> None:
     parser.add_argument("--clip", required=True, help="open_clip weights of stacktrain-micro-clip")
     parser.add_argument("--runs", nargs="*", default=list(RUNS), help="which runs (default: all)")
     args = parser.parse_args()
-    rank = int(os.environ.get("RANK", "0"))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    for name in args.runs:
-        try:
-            results[name] = {"status": "ok", **run(name, args.clip, out / "runs")}
-        except Exception:  # recorded, and the next run goes on in the same process group
-            results[name] = {"status": "error", "error": traceback.format_exc()}
-        (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1, sort_keys=True))
-
+    drive(args.runs, lambda name: run(name, args.clip, out / "runs"), out)
 
 if __name__ == "__main__":
     main()

@@ -10,12 +10,10 @@ tests/test_stack_resume.py; the CNN stack also resumes through ``train.py fit --
 
 from __future__ import annotations
 
-import json
-import sys
 
 import pytest
 
-from ddp_harness import TESTS, check, free_port, run_command
+from ddp_harness import TESTS, launch_driver
 from resume_ddp_driver import SCENARIOS
 from stack_matrix_driver import STATS
 
@@ -35,14 +33,7 @@ SAVED = {
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory, micro_clip) -> list[dict]:
     workdir = tmp_path_factory.mktemp("resume_ddp")
-    port = free_port()
-    check(run_command(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(port), TESTS / "resume_ddp_driver.py",
-         "--out", workdir / "out", "--clip", micro_clip],
-        workdir=workdir, env={"MASTER_PORT": str(port)}, threads=1, timeout=400,
-    ))
-    return [json.loads((workdir / "out" / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return launch_driver("resume_ddp_driver.py", workdir, "--clip", micro_clip)
 
 
 def test_every_technique_and_stack_config_is_covered():

@@ -11,15 +11,13 @@ other in the same process group); the refused pairs run in this process on one d
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from lightning.pytorch import Callback, Trainer, seed_everything
 
-from ddp_harness import TESTS, check, free_port, run_command
+from ddp_harness import TESTS, launch_driver
 from stack_matrix_driver import (
     RUNS,
     STEPS,
@@ -46,14 +44,7 @@ PAIRS = [name for name in RUNS if " " not in name]
 def matrix(tmp_path_factory, micro_clip) -> list[dict]:
     """Both ranks' results of one 2-process launch of the driver over every working pair."""
     workdir = tmp_path_factory.mktemp("matrix")
-    port = free_port()
-    check(run_command(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(port), TESTS / "stack_matrix_driver.py",
-         "--out", workdir / "out", "--clip", micro_clip],
-        workdir=workdir, env={"MASTER_PORT": str(port)}, threads=1, timeout=300,
-    ))
-    return [json.loads((workdir / "out" / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return launch_driver("stack_matrix_driver.py", workdir, "--clip", micro_clip)
 
 
 def differing(first: dict, second: dict) -> list[str]:
