@@ -30,6 +30,7 @@ from stacktrain.functional.quantize import (
     mix_seed,
     quantized_allgather_hook,
 )
+from stacktrain.loggers import log_table_with_line
 from stacktrain.stack import BYTES_PER_STEP, STACK_ORDER, Technique
 
 __all__ = ["GradientQuantization", "COMPENSATIONS"]
@@ -343,14 +344,9 @@ class GradientQuantization(Technique):
     def _log_bytes_table(self, trainer: Trainer) -> None:
         columns = ["step", "bytes_sent", "fp32_allreduce_bytes"]
         for logger in trainer.loggers:
-            if not isinstance(logger, WandbLogger):
-                continue
-            logger.log_table(key=f"{self.name}/bytes_per_step", columns=columns, data=self.bytes_history)
-            import wandb
-
-            table = wandb.Table(columns=columns, data=self.bytes_history)
-            plot = wandb.plot.line(table, "step", "bytes_sent", title="grad_quant: bytes sent per step (this rank)")
-            logger.experiment.log({f"{self.name}/bytes_per_step_plot": plot})
+            if isinstance(logger, WandbLogger):
+                log_table_with_line(logger, f"{self.name}/bytes_per_step", columns, self.bytes_history, x="step",
+                                    y="bytes_sent", title="grad_quant: bytes sent per step (this rank)")
 
     # ------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

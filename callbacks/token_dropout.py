@@ -7,10 +7,12 @@ The math is in `stacktrain.functional.token_drop` (the modules put into the ViT,
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from stacktrain.errors import StackError, require_number
@@ -22,7 +24,8 @@ from stacktrain.functional.token_drop import (
     install_sequence_compression,
     select_vit,
 )
-from stacktrain.stack import FLOPS_PER_STEP, STACK_ORDER, TOKENS_PER_SAMPLE, Technique
+from stacktrain.loggers import log_table_with_line
+from stacktrain.stack import FLOPS_PER_STEP, STACK_ORDER, TOKENS_PER_SAMPLE, Technique, run_dir, unique_path
 
 __all__ = ["TokenDropout"]
 
@@ -56,12 +59,17 @@ class TokenDropout(Technique):
         ordered: keep the kept tokens in their original order.
 
     Logs ``token_dropout/keep_ratio``, ``token_dropout/patch_scale`` and ``token_dropout/tokens_per_sample``
-    every step; reports the training FLOPs per step and tokens per sample to `EfficiencyReport`. The
-    ViT's FLOPs are counted forward and backward, or forward only when no gradient flows through it
-    (a frozen tower, e.g. in `PromptTunedCLIP`: dropping its tokens still saves forward compute). A
-    module whose training step also spends FLOPs outside the ViT says so with a
-    ``step_flops_outside_vit`` attribute (FLOPs per step); they are added to both sides of the
-    FLOPs line, so its ratio is over the whole step and compounds with the module's own line.
+    every step, and once at fit start the planned schedule of the whole run (`planned_schedule`): when
+    the run has a logger, the PNG ``token_dropout_schedule.png`` in the run directory and, to W&B, the
+    table ``token_dropout/schedule``, its line plot ``token_dropout/schedule_plot`` and the image
+    ``token_dropout/schedule_image``.
+
+    Reports the training FLOPs per step and tokens per sample to `EfficiencyReport`. The ViT's FLOPs
+    are counted forward and backward, or forward only when no gradient flows through it (a frozen
+    tower, e.g. in `PromptTunedCLIP`: dropping its tokens still saves forward compute). A module whose
+    training step also spends FLOPs outside the ViT says so with a ``step_flops_outside_vit``
+    attribute (FLOPs per step); they are added to both sides of the FLOPs line, so its ratio is over
+    the whole step and compounds with the module's own line.
     """
 
     name = "token_dropout"
@@ -149,6 +157,8 @@ class TokenDropout(Technique):
                 )
         self.total_steps = int(total)
         self._logged = False
+        if trainer.is_global_zero and trainer.loggers and not trainer.fast_dev_run:  # fast_dev_run: dummy loggers
+            self._log_planned_schedule(trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.compression is not None:
@@ -156,6 +166,71 @@ class TokenDropout(Technique):
             self.compression = None
         if stage == "fit":
             self._vit = None
+
+    # ------------------------------------------------------------------------------------ the plan
+    def planned_schedule(self, points: int = 200) -> list[dict[str, float | int]]:
+        """The compression this run will apply: one row (step, progress, keep_ratio, patch_scale,
+        tokens_per_sample) for every step of a run of at most ``points`` steps; for a longer run,
+        ``points`` evenly spaced steps (the first and the last included) plus the last step before and
+        the first step from each of the schedule's breakpoints, so a jump stays sharp. Empty before
+        fit start and for a schedule that compresses nothing."""
+        if points < 2:
+            raise ValueError(f"points must be at least 2 (the first and the last step), got {points}")
+        if self.compression is None or self.total_steps is None:
+            return []
+        total = self.total_steps
+        last = total - 1
+        if total <= points:
+            steps = set(range(total))
+        else:
+            steps = {round(i * last / (points - 1)) for i in range(points)}
+            for progress in self.schedule.breakpoints:
+                first = _first_step_at(progress, total)
+                steps.update(step for step in (first - 1, first) if 0 <= step <= last)
+        cost = self.compression.cost_model
+        rows: list[dict[str, float | int]] = []
+        for step in sorted(steps):
+            keep_ratio, patch_scale = self.compression_at(step)
+            rows.append({"step": step, "progress": step / total, "keep_ratio": keep_ratio, "patch_scale": patch_scale,
+                         "tokens_per_sample": cost.sequence(keep_ratio, patch_scale)[1]})
+        return rows
+
+    def _log_planned_schedule(self, trainer: Trainer) -> None:
+        """Once per fit, on rank zero: the planned schedule as a PNG in the run directory and, to every
+        W&B logger, as a table, a line plot of the keep ratio and the image."""
+        rows = self.planned_schedule()
+        if not rows:
+            return
+        path = unique_path(os.path.join(run_dir(trainer), "token_dropout_schedule.png"))
+        self.plot_schedule(rows, path)
+        columns = list(rows[0])
+        data = [[row[column] for column in columns] for row in rows]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                log_table_with_line(logger, f"{self.name}/schedule", columns, data, x="step", y="keep_ratio",
+                                    title="token_dropout: planned keep ratio per step")
+                logger.log_image(key=f"{self.name}/schedule_image", images=[path])
+
+    def plot_schedule(self, rows: list[dict[str, float | int]], path: str) -> None:
+        """Keep ratio (left axis) and tokens per sample through the blocks (right axis) over the steps."""
+        from matplotlib.figure import Figure
+
+        steps = [row["step"] for row in rows]
+        figure = Figure(figsize=(6, 3.5), dpi=100)
+        axes = figure.subplots()
+        axes.plot(steps, [row["keep_ratio"] for row in rows], color="tab:blue", label="keep ratio")
+        axes.set_ylim(0, 1.05)
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("keep ratio", color="tab:blue")
+        tokens = axes.twinx()
+        tokens.plot(steps, [row["tokens_per_sample"] for row in rows], color="tab:orange", linestyle="--",
+                    label="tokens per sample")
+        tokens.set_ylim(0, None)
+        tokens.set_ylabel("tokens per sample", color="tab:orange")
+        axes.set_title(f"token_dropout: planned schedule ({self.total_steps} steps)")
+        figure.tight_layout()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        figure.savefig(path)
 
     # ------------------------------------------------------------------------------------ per step
     def compression_at(self, step: int) -> tuple[float, int]:
@@ -226,6 +301,17 @@ class TokenDropout(Technique):
         if reinstall and self._vit is not None:
             self._install()
         # The generator is reseeded from (seed, rank, step, batch) at every batch: no state to restore.
+
+
+def _first_step_at(progress: float, total: int) -> int:
+    """The first step whose progress ``step / total`` reaches ``progress`` (the comparison the schedule
+    makes), free of rounding in ``progress * total``."""
+    step = math.ceil(progress * total)
+    while step > 0 and (step - 1) / total >= progress:
+        step -= 1
+    while step / total < progress:
+        step += 1
+    return step
 
 
 def _mask_seed(seed: int, rank: int, step: int, batch_idx: int) -> int:

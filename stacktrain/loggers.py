@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-__all__ = ["WandbLogger", "start_loggers"]
+__all__ = ["WandbLogger", "start_loggers", "log_table_with_line"]
 
 _ONLINE_MODES = ("online", "run")
 
@@ -57,3 +57,15 @@ def start_loggers(trainer: Trainer) -> list[str]:
         loggers.append(logger)
     trainer.loggers = loggers
     return issued
+
+
+def log_table_with_line(
+    logger: _LightningWandbLogger, key: str, columns: list[str], data: list[list[Any]], *, x: str, y: str, title: str
+) -> None:
+    """Log ``data`` to a W&B run as the table ``key`` and as a line plot of column ``y`` over column
+    ``x`` under ``key + "_plot"`` (a chart W&B draws from the table, not an image)."""
+    import wandb
+
+    logger.log_table(key=key, columns=columns, data=data)
+    plot = wandb.plot.line(wandb.Table(columns=columns, data=data), x, y, title=title)
+    logger.experiment.log({f"{key}_plot": plot})

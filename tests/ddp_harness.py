@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ def free_port() -> int:
 
 
 def subprocess_env(extra: Mapping[str, str] | None = None, threads: int = 1) -> dict[str, str]:
-    """Environment for a child run: CPU only, W&B offline and quiet, this folder importable (for
+    """Environment for a child run: CPU only, W&B offline, quiet and its own, this folder importable (for
     test-only callbacks by class path), a free rendezvous port, ``threads`` BLAS threads per process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -53,6 +54,9 @@ def subprocess_env(extra: Mapping[str, str] | None = None, threads: int = 1) -> 
     env.pop("LOCAL_RANK", None)
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
+    # wandb.init in this process leaves the address of its service process here; a child that
+    # inherited it would attach its run to that service (gone or finished) and not write its own
+    env.pop("WANDB_SERVICE", None)
     if extra:
         env.update(extra)
     return env
@@ -126,6 +130,20 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """Fail with the child's output when it did not exit 0."""
     assert result.returncode == 0, f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
     return result
+
+
+def offline_wandb_records(root: Path, keys: Sequence[bytes], wait_s: float = 20.0) -> bytes:
+    """The bytes of the one offline W&B run file anywhere under ``root``, once every key is in it
+    (W&B's service process may still be writing it when ``finish`` or the run's process returns) or
+    after ``wait_s``."""
+    runs = list(Path(root).glob("**/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = Path(runs[0]).read_bytes()
+        if all(key in records for key in keys) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def technique_states(trainer: Trainer) -> dict[str, Any]:

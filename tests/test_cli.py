@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import textwrap
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS
-from ddp_harness import check, run_cli
+from ddp_harness import check, offline_wandb_records, run_cli
 from stacktrain.cli import main
 
 QUICKSTART = str(CONFIGS / "quickstart.yaml")
@@ -184,21 +185,6 @@ def test_wandb_failing_to_start_falls_back_to_csv(tmp_path):
     assert (directory / "efficiency.md").exists()
 
 
-def _offline_wandb_records(save_dir, keys: list[bytes], wait_s: float = 20.0) -> bytes:
-    """The bytes of the one offline run file under ``save_dir``, once every key is in it (W&B's
-    service process may still be writing it when ``finish`` returns) or after ``wait_s``."""
-    import time
-
-    runs = glob.glob(str(save_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
-    assert len(runs) == 1, runs
-    deadline = time.monotonic() + wait_s
-    while True:
-        records = open(runs[0], "rb").read()
-        if all(key in records for key in keys) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
-
-
 @pytest.mark.parametrize("stack", ["vit+token_dropout", "early_exit+prune_regrow+grad_quant"])
 def test_wandb_offline_run_holds_every_techniques_keys(tmp_path, stack):
     """WANDB_MODE=offline (conftest): the run file holds each technique's panel group, the early-exit
@@ -215,15 +201,17 @@ def test_wandb_offline_run_holds_every_techniques_keys(tmp_path, stack):
     assert logger._offline
     if stack == "vit+token_dropout":
         model = ImageClassifier("vit_tiny_patch16_224", in_chans=1, model_kwargs=dict(TINY_VIT))
-        callbacks = [TokenDropout(keep_ratio=0.5)]
+        callbacks = [TokenDropout(keep_ratio=0.5, schedule="step", until=0.5)]
         keys = [b"token_dropout/keep_ratio", b"token_dropout/tokens_per_sample",
-                b"efficiency/token_dropout/tokens_sample_ratio"]
+                b"efficiency/token_dropout/tokens_sample_ratio", b"token_dropout/schedule_plot",
+                b"token_dropout/schedule_image"]
     else:
         model = BoostedEarlyExit("test_resnet", exits=["layer1", "layer2", "layer3", "layer4"], in_chans=1,
                                  head_hidden=16, budgets=[0.5, 1.0])
         callbacks = [PruneRegrow(target_flops_ratio=0.6, update_every=2, update_unit="step"), GradientQuantization(bits=4)]
-        keys = [b"prune_regrow/flops_ratio", b"prune_regrow/widths", b"grad_quant/bits", b"val/acc_budget_50",
-                b"val/flops_budget_50", b"test/acc_budget_100", b"early_exit/budget_curve",
+        keys = [b"prune_regrow/flops_ratio", b"prune_regrow/widths", b"prune_regrow/widths_heatmap", b"grad_quant/bits",
+                b"val/acc_budget_50", b"val/flops_budget_50", b"test/acc_budget_100", b"early_exit/budget_curve",
+                b"early_exit/budget_plot",
                 b"efficiency/prune_regrow/train_flops_step_ratio"]
     trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=4, limit_val_batches=2, limit_test_batches=2,
                       log_every_n_steps=1,
@@ -235,8 +223,15 @@ def test_wandb_offline_run_holds_every_techniques_keys(tmp_path, stack):
         trainer.test(model, data)
     logger.experiment.finish()
     keys += [b"efficiency/report", b"efficiency/step_wall_ms"]
-    records = _offline_wandb_records(tmp_path, keys)
+    records = offline_wandb_records(tmp_path, keys)
     for key in keys:
         assert key in records, key
-    tables = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "table" / "efficiency" / "*.json"))
-    assert tables
+    media = tmp_path / "wandb" / "offline-run-*" / "files" / "media"
+    assert glob.glob(str(media / "table" / "efficiency" / "*.json"))
+    if stack == "vit+token_dropout":
+        # the planned schedule of the 4 steps: half the 16 patches (+ class token) until half-way, then all
+        (table,) = glob.glob(str(media / "table" / "token_dropout" / "schedule_[0-9]*.table.json"))
+        content = json.loads(open(table).read())
+        assert content["columns"] == ["step", "progress", "keep_ratio", "patch_scale", "tokens_per_sample"]
+        assert content["data"] == [[0, 0.0, 0.5, 1, 9], [1, 0.25, 0.5, 1, 9], [2, 0.5, 1.0, 1, 17], [3, 0.75, 1.0, 1, 17]]
+        assert glob.glob(str(media / "images" / "token_dropout" / "schedule_image_*.png"))

@@ -5,6 +5,7 @@ with a compressed all-gather."""
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import CONFIGS
-from ddp_harness import assert_states_equal, check, load_rank_states, run_ddp
+from ddp_harness import assert_states_equal, check, load_rank_states, offline_wandb_records, run_ddp
 from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only, stop_and_resume
 from stacktrain.callbacks import EfficiencyReport, ExactResume, GradientQuantization
 from stacktrain.cli import main
@@ -344,10 +345,10 @@ def test_no_op_settings_change_nothing(tmp_path):
 # ----------------------------------------------------------------------------------- DDP
 @pytest.mark.ddp
 def test_two_processes_with_int4_communication_end_with_identical_weights(tmp_path):
+    """Also: the config's W&B logger (offline, under tmp_path/runs) gets the bytes-per-step table and plot."""
     result = check(run_ddp(
         ["fit", "--config", str(GQ_CONFIG), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
-         "--trainer.limit_val_batches", "2", "--trainer.logger", "false",
-         "--trainer.default_root_dir", str(tmp_path)],
+         "--trainer.limit_val_batches", "2"],
         workdir=tmp_path, dump_dir=tmp_path / "ranks",
     ))
     assert "4-bit all-gather" in result.stdout + result.stderr
@@ -362,6 +363,13 @@ def test_two_processes_with_int4_communication_end_with_identical_weights(tmp_pa
     assert sent / fp32 <= 0.14
     report = (next(tmp_path.glob("**/efficiency.md"))).read_text()
     assert "| grad_quant | communicated bytes/step |" in report
+    # W&B (rank 0's run): the table holds rank 0's bytes per step, and the line plot is there
+    records = offline_wandb_records(tmp_path / "runs", [b"grad_quant/bytes_per_step_plot"])
+    assert b"grad_quant/bytes_per_step_plot" in records
+    (table,) = (tmp_path / "runs" / "wandb").glob("offline-run-*/files/media/table/grad_quant/bytes_per_step_[0-9]*.json")
+    content = json.loads(table.read_text())
+    assert content["columns"] == ["step", "bytes_sent", "fp32_allreduce_bytes"]
+    assert content["data"] == state["bytes_history"]
     torch.manual_seed(0)  # the config's seed_everything: the initial weights
     fresh = classifier().state_dict()
     assert not torch.equal(fresh["model.fc.weight"], rank0["model"]["model.fc.weight"])  # it trained

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from conftest import CONFIGS
@@ -18,9 +19,9 @@ from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only,
 from stacktrain.callbacks import EfficiencyReport, ExactResume, TokenDropout
 from stacktrain.datamodules import DigitsDataModule, MultiViewDataModule
 from stacktrain.errors import StackError
-from stacktrain.functional.token_drop import RandomTokenDrop, ViTCostModel
+from stacktrain.functional.token_drop import RandomTokenDrop, ViTCostModel, install_sequence_compression
 from stacktrain.lightning_modules import ImageClassifier, SimCLR
-from stacktrain.stack import FLOPS_PER_STEP, TOKENS_PER_SAMPLE
+from stacktrain.stack import FLOPS_PER_STEP, TOKENS_PER_SAMPLE, run_dir
 
 # 16 px / patch 2: 64 patch tokens + class token
 VIT = dict(img_size=16, patch_size=2, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -67,7 +68,7 @@ def test_schedule_follows_the_global_step_and_evaluation_sees_full_sequences(tmp
     report = EfficiencyReport(dirpath=str(tmp_path))
     model = classifier()
     run = trainer([recorder, report, technique], max_steps=10, limit_val_batches=2, val_check_interval=5,
-                  log_every_n_steps=1)
+                  log_every_n_steps=1, logger=CSVLogger(tmp_path))
     run.fit(model, DigitsDataModule(batch_size=32))
     cost = technique.compression.cost_model if technique.compression else ViTCostModel.from_vit(model.model)
     expected = {}
@@ -90,6 +91,60 @@ def test_schedule_follows_the_global_step_and_evaluation_sees_full_sequences(tmp
     # after fit the model is as it was
     assert isinstance(model.model.patch_drop, nn.Identity) and model.model.dynamic_img_size is False
     assert "token_dropout" in Path(report.written["markdown"]).read_text()
+    # the planned schedule drawn once at fit start, beside the logger's files
+    assert (Path(run_dir(run)) / "token_dropout_schedule.png").stat().st_size > 1000
+
+
+def planned(total_steps: int, points: int = 200, **settings: Any) -> tuple[TokenDropout, list[dict]]:
+    """The planned schedule of a ``total_steps`` run, with the compression installed as at fit start."""
+    technique = TokenDropout(**settings)
+    technique.compression = install_sequence_compression(classifier().model,
+                                                         patch_scaling=technique.schedule.max_patch_scale > 1)
+    technique.total_steps = total_steps
+    return technique, technique.planned_schedule(points)
+
+
+def assert_rows_follow_the_schedule(technique: TokenDropout, rows: list[dict]) -> None:
+    cost = technique.compression.cost_model
+    for row in rows:
+        keep_ratio, patch_scale = technique.compression_at(row["step"])
+        assert (row["keep_ratio"], row["patch_scale"]) == (keep_ratio, patch_scale)
+        assert row["tokens_per_sample"] == cost.sequence(keep_ratio, patch_scale)[1]
+        assert row["progress"] == row["step"] / technique.total_steps
+
+
+def test_planned_schedule_of_a_long_step_schedule_keeps_its_jump_sharp():
+    technique, rows = planned(1000, points=50, schedule="step", keep_ratio=0.5, patch_scale=2, until=0.37)
+    steps = [row["step"] for row in rows]
+    assert steps[0] == 0 and steps[-1] == 999 and steps == sorted(set(steps))
+    assert 50 <= len(rows) <= 50 + 2
+    assert_rows_follow_the_schedule(technique, rows)
+    # 16 px, patch 2 x scale 2: 16 patches, half kept, + the class token; then the full 64 + 1
+    by_step = {row["step"]: row for row in rows}
+    assert (by_step[369]["keep_ratio"], by_step[369]["tokens_per_sample"]) == (0.5, 9)
+    assert (by_step[370]["keep_ratio"], by_step[370]["tokens_per_sample"]) == (1.0, 65)
+    assert by_step[0]["tokens_per_sample"] == 9 and by_step[999]["tokens_per_sample"] == 65
+
+
+def test_planned_schedule_has_both_sides_of_every_phase_end_and_every_step_of_a_short_run():
+    # 0.07 * 100 is 7.000000000000001 in floating point: the second phase still starts at step 7
+    phases = [{"end": 0.07, "keep_ratio": 0.5, "patch_scale": 2}, {"end": 0.57, "keep_ratio": 0.75}]
+    technique, rows = planned(100, points=10, schedule=phases)
+    steps = [row["step"] for row in rows]
+    assert {6, 7, 56, 57} <= set(steps) and steps[0] == 0 and steps[-1] == 99
+    assert len(rows) <= 10 + 2 * len(phases)
+    assert_rows_follow_the_schedule(technique, rows)
+    by_step = {row["step"]: (row["keep_ratio"], row["patch_scale"]) for row in rows}
+    assert [by_step[s] for s in (6, 7, 56, 57)] == [(0.5, 2), (0.75, 1), (0.75, 1), (1.0, 1)]
+    technique, rows = planned(7, schedule=PHASES)
+    assert [row["step"] for row in rows] == list(range(7))
+    assert_rows_follow_the_schedule(technique, rows)
+    # a cosine ramp: its kink at `until` is a row, and the ratio only rises
+    technique, rows = planned(5000, points=100, schedule="cosine", keep_ratio=0.25, until=0.5)
+    assert {2499, 2500} <= {row["step"] for row in rows} and len(rows) <= 102
+    ratios = [row["keep_ratio"] for row in rows]
+    assert ratios[0] == 0.25 and ratios[-1] == 1.0 and ratios == sorted(ratios)
+    assert TokenDropout().planned_schedule() == []  # before fit: nothing planned yet
 
 
 def test_a_no_op_setting_installs_nothing():
@@ -162,6 +217,7 @@ def test_stop_and_resume_continues_the_schedule_exactly(tmp_path):
     assert sorted(resumed.train) == list(range(5, 12))
     assert {step: uninterrupted.train[step] for step in range(5, 12)} == resumed.train
     assert {v[0] for v in uninterrupted.train.values()} == {0.5, 0.75, 1.0}
+    assert not list(tmp_path.rglob("*.png"))  # without a logger no schedule plot is written
     state = load_checkpoint_weights_only(runs.checkpoint)
     saved = state["callbacks"]["TokenDropout"]
     assert saved["last"] == {"step": 4, "keep_ratio": 0.75, "patch_scale": 1}

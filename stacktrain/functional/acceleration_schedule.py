@@ -106,6 +106,14 @@ class AccelerationSchedule:
         return 1.0 - (1.0 - self.keep_ratio) * 0.5 * (1.0 + math.cos(math.pi * fraction)), 1
 
     @property
+    def breakpoints(self) -> list[float]:
+        """Progress points where the schedule changes course: every phase's end, or ``until`` of a
+        non-constant shape (a jump for ``step`` and phases, a kink for ``linear``/``cosine``)."""
+        if self.shape is None:
+            return [p.end for p in self.phases]
+        return [] if self.shape == "constant" else [self.until]
+
+    @property
     def max_patch_scale(self) -> int:
         if self.shape is None:
             return max((p.patch_scale for p in self.phases), default=1)
