@@ -33,6 +33,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+def machine_line(info: dict[str, Any]) -> str:
+    """One sentence naming the machine and date of a ``machine()`` record (keys it lacks are left out)."""
+    parts = [f"{info['cpu_count']} CPU cores" if info.get("cpu_count") else None,
+             f"{info['torch_threads']} torch threads" if info.get("torch_threads") else None,
+             f"torch {info['torch']}" if info.get("torch") else None,
+             info.get("cuda") or "no GPU"]
+    where = f" on {info['platform']}" if info.get("platform") else ""
+    return f"Measured {info.get('date', 'at an unrecorded date')}{where}, " + ", ".join(p for p in parts if p) + "."
+
+
 def time_run(run: Callable[[], Any]) -> dict[str, float]:
     """Wall and process CPU seconds of one whole ``run()`` (CUDA synchronised if used). A run that
     times its own core part returns ``{"wall_s": ..., "cpu_s": ...}``, which is used instead."""

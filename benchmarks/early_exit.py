@@ -101,6 +101,30 @@ def time_inference(module: BoostedEarlyExit, data, repeats: int) -> dict:
     }
 
 
+def report(payload: dict) -> str:
+    """The Markdown report of a payload of ``main`` (also a JSON it wrote): anytime accuracy per exit,
+    budgeted accuracy, boost minus independent, and the real early-exit inference time. (JSONs written
+    before ``data`` and ``repeats`` were stored name the digits without their size, and no repeat count.)"""
+    anytime, curve, deltas = payload["anytime"], payload["budgeted"], payload["boost_minus_independent"]
+    rows = {mode: {k: f"{v['acc']:.4f} ({v['flops']:.2f})" for k, v in curve[mode].items()} for mode in curve}
+    repeats = f"median of {payload['repeats']} alternating passes" if "repeats" in payload else \
+        "median of alternating passes"
+    timing = table({"early exit": payload["inference_at_50pct"]},
+                   ["flops_ratio", "wall_ratio", "cpu_ratio", "full_ms", "early_exit_ms"])
+    return "\n".join([
+        f"{payload['backbone']} on {payload.get('data', 'the digits')}, {payload['epochs']} epochs, "
+        f"seeds {payload['seeds']}; test set, means over seeds.",
+        "", "Anytime accuracy per exit:", "", table(anytime, list(anytime["boost"])),
+        "", "Budgeted accuracy (mean FLOPs per sample / full network in brackets; policies fitted on validation):",
+        "", table(rows, list(rows["boost"])),
+        "", f"Boost - independent: last exit {deltas['last_exit']:+.4f}; over the budgets mean "
+        f"{deltas['mean_over_budgets']:+.4f}, worst {deltas['min_over_budgets']:+.4f}.",
+        "", "Real early-exit inference at a 50% FLOPs budget against the full network (test set, batches of 256, "
+        f"{repeats}):",
+        "", timing,
+    ])
+
+
 def main(argv=None) -> dict:
     arguments = parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--backbone", default="resnet18",
@@ -145,29 +169,18 @@ def main(argv=None) -> dict:
         }
         for mode in per_seed
     }
-    rows = {mode: {k: f"{v['acc']:.4f} ({v['flops']:.2f})" for k, v in curve[mode].items()} for mode in curve}
     deltas = {
         "last_exit": anytime["boost"][f"exit{num_exits - 1}"] - anytime["independent"][f"exit{num_exits - 1}"],
         "mean_over_budgets": statistics.mean(curve["boost"][k]["acc"] - curve["independent"][k]["acc"] for k in curve["boost"]),
         "min_over_budgets": min(curve["boost"][k]["acc"] - curve["independent"][k]["acc"] for k in curve["boost"]),
     }
-    report = "\n".join([
-        f"{args.backbone} on {'CIFAR-100' if args.cifar100 else f'the digits ({args.image_size} px)'}, "
-        f"{args.epochs} epochs, seeds {args.seeds}; test set, means over seeds.",
-        "", "Anytime accuracy per exit:", "", table(anytime, list(anytime["boost"])),
-        "", "Budgeted accuracy (mean FLOPs per sample / full network in brackets; policies fitted on validation):",
-        "", table(rows, list(rows["boost"])),
-        "", f"Boost - independent: last exit {deltas['last_exit']:+.4f}; over the budgets mean "
-        f"{deltas['mean_over_budgets']:+.4f}, worst {deltas['min_over_budgets']:+.4f}.",
-        "", "Real early-exit inference at a 50% FLOPs budget against the full network (test set, batches of 256, "
-        f"median of {args.repeats} alternating passes):",
-        "", table({"early exit": timing}, ["flops_ratio", "wall_ratio", "cpu_ratio", "full_ms", "early_exit_ms"]),
-    ])
-    print(report)
-    payload = {"backbone": args.backbone, "seeds": args.seeds, "epochs": args.epochs, "anytime": anytime,
+    payload = {"backbone": args.backbone, "data": "CIFAR-100" if args.cifar100 else f"the digits ({args.image_size} px)",
+               "seeds": args.seeds, "epochs": args.epochs, "repeats": args.repeats, "anytime": anytime,
                "budgeted": curve, "boost_minus_independent": deltas, "inference_at_50pct": timing,
                "per_seed": per_seed}
-    path = write_json("early_exit", payload, args.out, markdown=report)
+    markdown = report(payload)
+    print(markdown)
+    path = write_json("early_exit", payload, args.out, markdown=markdown)
     print(f"written {path}")
     return payload
 

@@ -198,6 +198,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def report(payload: dict[str, Any]) -> str:
+    """The Markdown report of a payload of ``main`` (also a JSON it wrote): one accuracy table per
+    setting and, when the DDP part ran, the bytes and step times of the communication variants (a
+    payload whose DDP part was measured in a later run dates it in ``ddp_measured``)."""
+    columns = ["acc_mean", "acc_std", "points_vs_fp32", "loss_share_of_plain_int4", "rel_error_weights",
+               "rel_error_activations", "cpu_s", "acc_per_seed"]
+    lines: list[str] = []
+    for name, result in payload["accuracy"].items():
+        setting = result["setting"]
+        model = ", ".join([setting["model_name"], *(f"{k} {v}" for k, v in setting["model_kwargs"].items())])
+        lines += [f"{name} ({model}): {result['epochs']} epochs, seeds {result['seeds']}, "
+                  "accuracy on the 540 held-out images; points_vs_fp32 in accuracy points, loss_share_of_plain_int4: "
+                  "the compensated variant's loss against plain INT4's (nan where plain INT4 lost nothing).",
+                  "", table(result["rows"], columns), ""]
+    ddp = payload.get("ddp") or {}
+    if ddp:
+        steps = next(iter(ddp.values()))["steps"]
+        when = f" (measured {payload['ddp_measured']})" if payload.get("ddp_measured") else ""
+        lines += [f"DDP, 2 CPU processes (gloo), {steps} steps, full-precision backward; bytes per rank per step{when}.",
+                  "", table(ddp, ["bytes_per_step", "fp32_bytes_per_step", "bytes_ratio", "step_wall_ms", "step_cpu_ms",
+                                  "step_wall_ratio", "step_cpu_ratio"])]
+    return "\n".join(lines).rstrip()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments = parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -210,14 +234,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     seeds = args.seeds[:1] if args.small else args.seeds
     payload: dict[str, Any] = {"accuracy": {}, "ddp": {}}
-    columns = ["acc_mean", "acc_std", "points_vs_fp32", "loss_share_of_plain_int4", "rel_error_weights",
-               "rel_error_activations", "cpu_s", "acc_per_seed"]
     for name in args.settings:
         epochs = 1 if args.small else SETTINGS[name]["epochs"]
-        result = accuracy_table(name, seeds, epochs, 3 if args.small else None)
-        payload["accuracy"][name] = result
-        print(f"\n{name}: {epochs} epochs, seeds {seeds}, accuracy on the 540 held-out images")
-        print(table(result["rows"], columns))
+        payload["accuracy"][name] = accuracy_table(name, seeds, epochs, 3 if args.small else None)
     if not (args.skip_ddp or args.small):
         workdir = Path(tempfile.mkdtemp(prefix="stacktrain-gq-ddp-"))
         rows = {name: ddp_run(bits, args.ddp_steps, workdir) for name, bits in COMMUNICATION.items()}
@@ -226,10 +245,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["step_wall_ratio"] = row["step_wall_ms"] / base["step_wall_ms"]
             row["step_cpu_ratio"] = row["step_cpu_ms"] / base["step_cpu_ms"]
         payload["ddp"] = rows
-        print(f"\nDDP, 2 CPU processes (gloo), {args.ddp_steps} steps, full-precision backward; bytes per rank per step")
-        print(table(rows, ["bytes_per_step", "fp32_bytes_per_step", "bytes_ratio", "step_wall_ms", "step_cpu_ms",
-                           "step_wall_ratio", "step_cpu_ratio"]))
-    path = write_json("grad_quant", payload, args.out)
+    markdown = report(payload)
+    print("\n" + markdown)
+    path = write_json("grad_quant", payload, args.out, markdown=markdown)
     print(f"written {path}")
     return payload
 

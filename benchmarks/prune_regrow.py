@@ -139,6 +139,23 @@ def inference_ms(networks: dict[str, torch.nn.Module], example: torch.Tensor, re
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def report(payload: dict[str, Any]) -> str:
+    """The Markdown report of a payload of ``main`` (also a JSON it wrote): the setting and one table
+    (accuracy, FLOPs, training and inference time of every variant)."""
+    settings = payload["settings"]
+    data = f"CIFAR-10 at {settings['cifar10']}" if settings.get("cifar10") else "digits"
+    columns = ["acc_mean", "acc_min", "acc_delta", "flops_ratio", "mask_flops_ratio", "fit_wall_s", "fit_cpu_s",
+               "after_step_ms", "after_step_ratio_vs_masked", "infer_ms", "infer_ratio", "infer_cl_ratio"]
+    return "\n".join([
+        f"{settings['model']} on {data} at {settings['image_size']} px, {settings['epochs']} epochs, "
+        f"{settings['seeds']} seed(s); exploration until {settings['explore_until']} of training. Accuracy: mean "
+        "and minimum over seeds (the masked runs: first seed only), acc_delta against dense; flops_ratio: the final "
+        "network against dense; after_step: mean step time after exploration; infer: one batch of "
+        f"{settings['infer_batch']}, infer_cl_ratio in channels-last.",
+        "", table(payload["results"], columns),
+    ])
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments = parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--model", default="resnet18")
@@ -212,13 +229,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compact["after_step_ratio_vs_masked"] = compact["after_step_ms"] / masked["after_step_ms"]
         compact["after_step_cpu_ratio_vs_masked"] = compact["after_step_cpu_ms"] / masked["after_step_cpu_ms"]
         compact["fit_wall_ratio_vs_masked"] = compact["fit_wall_s"] / masked["fit_wall_s"]
-    data = f"CIFAR-10 at {args.cifar10}" if args.cifar10 else "digits"
-    print(f"\n{args.model} on {data} at {args.image_size} px, {args.epochs} epochs, {args.seeds} seed(s); "
-          f"exploration until {args.explore_until} of training")
-    print(table(results, ["acc_mean", "acc_min", "acc_delta", "flops_ratio", "mask_flops_ratio", "fit_wall_s", "fit_cpu_s", "after_step_ms",
-                          "after_step_ratio_vs_masked", "infer_ms", "infer_ratio", "infer_cl_ratio"]))
-    settings = {k: v for k, v in vars(args).items() if k != "scratch"}
-    path = write_json("prune_regrow", {"settings": settings, "results": results}, args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in ("scratch", "out")}
+    payload = {"settings": settings, "results": results}
+    markdown = report(payload)
+    print("\n" + markdown)
+    path = write_json("prune_regrow", payload, args.out, markdown=markdown)
     print(f"written {path}")
     return results
 

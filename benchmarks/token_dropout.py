@@ -180,6 +180,47 @@ def time_to_accuracy(method: str, args: Any, scratch: str) -> dict[str, Any]:
     return row
 
 
+def report(payload: dict[str, Any]) -> str:
+    """The Markdown report of a payload of ``main`` (also a JSON it wrote): (a) the step-time table and
+    the gap to timm's PatchDropout at keep 0.5, (b) time to accuracy per method, with its schedule.
+    A payload whose step times come from a separate run carries that run's settings in
+    ``settings_step_time``."""
+    lines: list[str] = []
+    steps = payload.get("step_time") or {}
+    if steps:
+        settings = payload.get("settings_step_time") or payload["settings"]
+        vit = payload.get("step_vit")
+        shape = f", {vit['embed_dim']} wide, depth {vit['depth']}" if vit else ""
+        lines += [
+            f"(a) Classifier training loops of {settings['steps']} steps (batch {settings['batch_size']}, "
+            f"ViT 16 px / patch 2{shape}), median of {settings['repeats']} runs, variants taking turns.",
+            "", table(steps, ["step_cpu_ms", "cpu_ratio", "step_ms", "wall_ratio"]), "",
+        ]
+        gap = payload.get("keep_0.5_gap_to_timm")
+        if gap:
+            lines += [f"Keep 0.5: TokenDropout ratio - timm PatchDropout ratio = {gap['cpu']:+.3f} (CPU), "
+                      f"{gap['wall']:+.3f} (wall).", ""]
+    accuracy = payload.get("time_to_accuracy") or {}
+    if accuracy:
+        settings = payload["settings"]
+        columns = ["target_knn_acc", "reached", "budget", "schedule_expected_cost", "cpu_ratio", "wall_ratio",
+                   "cpu_ratio_vs_baseline_time_to_target", "baseline_cpu_s", "search_cpu_s"]
+        rows = {method: {**{k: row.get(k, "not reached") for k in columns},
+                         "reached": f"{row['reached']}/{row['seeds']}"} for method, row in accuracy.items()}
+        lines += [
+            f"(b) Time to the baseline's k-NN accuracy, {settings['epochs']} epochs (ViT width "
+            f"{settings['width'] or 'of the config'}, depth {settings['depth'] or 'of the config'}); ratios: accelerated "
+            "CPU/wall time to the target over the baseline's whole training (cpu_ratio, wall_ratio) and over the "
+            "baseline's own time to it.",
+            "", table(rows, columns), "",
+            "Searched schedules (phase end as a fraction of training: keep ratio, patch scale):", "",
+        ]
+        for method, row in accuracy.items():
+            phases = ", ".join(f"{p['end']:g}: {p['keep_ratio']:g}/{p['patch_scale']}" for p in row["schedule"])
+            lines.append(f"- {method}: {phases}")
+    return "\n".join(lines).rstrip()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments = parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--parts", default="a,b", help="which parts to run: a (step time), b (time to accuracy)")
@@ -212,33 +253,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gap: dict[str, float] = {}
     if "a" in parts:
         steps = step_times(args.steps, args.repeats, args.batch_size, vit)
-        print(f"(a) classifier training loops of {args.steps} steps (batch {args.batch_size}, ViT 16 px / patch 2, "
-              f"{vit['embed_dim']} wide, depth {vit['depth']}), median of {args.repeats} runs, variants taking turns")
-        print(table(steps, ["step_cpu_ms", "cpu_ratio", "step_ms", "wall_ratio"]))
         ours, theirs = steps["TokenDropout keep 0.5"], steps["timm patch_drop_rate 0.5"]
         gap = {"cpu": ours["cpu_ratio"] - theirs["cpu_ratio"], "wall": ours["wall_ratio"] - theirs["wall_ratio"]}
-        print(f"keep 0.5: TokenDropout ratio - timm PatchDropout ratio = {gap['cpu']:+.3f} (CPU), "
-              f"{gap['wall']:+.3f} (wall)")
 
     accuracy: dict[str, Any] = {}
     methods = [m for m in args.methods.split(",") if m] if "b" in parts else []
     for method in methods:
         accuracy[method] = time_to_accuracy(method, args, scratch)
         row = accuracy[method]
-        print(f"(b) {method}: target k-NN {row['target_knn_acc']:.4f}; schedule {row['schedule']} "
-              f"(budget {row['budget']}, expected cost {row['schedule_expected_cost']}); reached by {row['reached']}/{row['seeds']} seeds"
-              + (f"; time to target / baseline time: CPU {row['cpu_ratio']:.3f}, wall {row['wall_ratio']:.3f}"
-                 if "cpu_ratio" in row else ""))
-    if accuracy:
-        summary = {m: {k: r.get(k, "not reached") for k in ("target_knn_acc", "reached", "cpu_ratio", "wall_ratio",
-                                                            "cpu_ratio_vs_baseline_time_to_target", "baseline_cpu_s",
-                                                            "search_cpu_s")}
-                   for m, r in accuracy.items()}
-        print(table(summary, ["target_knn_acc", "reached", "cpu_ratio", "wall_ratio",
-                              "cpu_ratio_vs_baseline_time_to_target", "baseline_cpu_s", "search_cpu_s"]))
+        print(f"(b) {method}: target k-NN {row['target_knn_acc']:.4f}; reached by {row['reached']}/{row['seeds']} seeds",
+              flush=True)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    path = write_json("token_dropout", {"settings": settings, "step_time": steps, "keep_0.5_gap_to_timm": gap,
-                                        "time_to_accuracy": accuracy}, args.out)
+    payload = {"settings": settings, "step_vit": vit, "step_time": steps, "keep_0.5_gap_to_timm": gap,
+               "time_to_accuracy": accuracy}
+    markdown = report(payload)
+    print(markdown)
+    path = write_json("token_dropout", payload, args.out, markdown=markdown)
     print(f"written {path}")
     return {"step_time": steps, "gap": gap, "time_to_accuracy": accuracy}
 

@@ -18,3 +18,4 @@ def test_token_dropout_benchmark_small(tmp_path):
     simclr = payload["time_to_accuracy"]["simclr"]
     assert 0 < simclr["target_knn_acc"] <= 1 and simclr["schedule"] and simclr["schedule_expected_cost"] <= 0.3
     assert len(simclr["runs"]["baseline"]) == len(simclr["runs"]["accelerated"]) == 1
+    assert payload["markdown"] == token_dropout.report(payload)  # the report rebuilds from the JSON alone

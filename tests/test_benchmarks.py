@@ -1,8 +1,11 @@
-"""Benchmarks run in their small mode and write their JSON (no timing is asserted)."""
+"""Benchmarks run in their small mode and write their JSON (no timing is asserted); every stored
+result JSON renders through its benchmark's ``report``, and run_all --collect builds RESULTS.md from them."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 
 def test_stack_overhead_benchmark_small(tmp_path):
@@ -16,3 +19,70 @@ def test_stack_overhead_benchmark_small(tmp_path):
     assert payload["results"]["baseline"]["wall_ratio"] == 1.0
     assert payload["results"]["noop_technique"]["in_hooks_pct"] > 0
     assert payload["machine"]["torch"]
+    assert payload["markdown"] == stack_overhead.report(payload)  # the report rebuilds from the JSON alone
+
+
+# ------------------------------------------------------------------------ RESULTS.md from the JSONs
+def _result_jsons() -> list:
+    from benchmarks import run_all
+
+    return sorted(path for path in run_all.RESULTS_DIR.glob("*.json") if path.name != run_all.RUN_LOG)
+
+
+def test_every_benchmark_has_a_measurement_json():
+    from benchmarks import run_all
+
+    files = run_all.result_files(run_all.RESULTS_DIR, small=False)
+    measured = {json.loads(path.read_text())["benchmark"] for path in files}
+    assert measured == set(run_all.BENCHMARKS)
+
+
+@pytest.mark.parametrize("path", _result_jsons(), ids=lambda path: path.name)
+def test_report_renders_every_result_json(path):
+    import importlib
+
+    payload = json.loads(path.read_text())
+    markdown = importlib.import_module(f"benchmarks.{payload['benchmark']}").report(payload)
+    tables = _tables(markdown)
+    assert tables and all(rows for _, rows in tables), markdown
+    for header, rows in tables:  # every row has one cell per column
+        assert all(row.count("|") == header.count("|") for row in rows), (header, rows)
+
+
+def _tables(markdown: str) -> list[tuple[str, list[str]]]:
+    """(header, data rows) of every Markdown table in ``markdown``."""
+    lines = markdown.splitlines()
+    found = []
+    for index, line in enumerate(lines[:-1]):
+        if line.startswith("| variant |") and lines[index + 1].startswith("|---"):
+            rows = []
+            for row in lines[index + 2:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(row)
+            found.append((line, rows))
+    return found
+
+
+def test_collect_writes_the_measured_results_without_smoke_claims(tmp_path):
+    from benchmarks import run_all
+    from benchmarks.common import machine_line
+
+    out = tmp_path / "RESULTS.md"
+    assert run_all.main(["--collect", "--out", str(out)]) == 0
+    text = out.read_text()
+    measured = text.split("## Measured\n", 1)[1].split("\n## ", 1)[0]
+    files = run_all.result_files(run_all.RESULTS_DIR, small=False)
+    positions = []
+    for path in files:
+        payload = json.loads(path.read_text())
+        heading = f"### {path.name}\n"
+        assert heading in measured and machine_line(payload["machine"]) in measured
+        positions.append(measured.index(heading))
+    assert positions == sorted(positions) and files[0].name == "stack_overhead.json"  # the attach cost first
+    assert "(contract bound: 2%) -> holds" in measured.split("### ", 2)[1]
+    assert "-small" not in measured and "smoke" not in measured.lower() and "Could not render" not in measured
+    small = run_all.result_files(run_all.RESULTS_DIR, small=True)
+    if small:  # the smoke JSONs come after, under their own caveat
+        smoke = text.split("\n## Smoke run\n", 1)[1]
+        assert run_all.SMOKE_CAVEAT in smoke and all(f"### {path.name}\n" in smoke for path in small)

@@ -23,3 +23,4 @@ def test_prompt_tuning_benchmark_small(tmp_path, monkeypatch):
     assert payload["step_time"]["images"]["wall_ratio"] == 1.0
     assert len(payload["checks"]) == 4
     assert list((tmp_path / "cache").glob("stacktrain-micro-clip-seed0-*.pt"))  # pretrained once, cached
+    assert payload["markdown"] == prompt_tuning.report(payload)  # the report rebuilds from the JSON alone

@@ -285,6 +285,7 @@ def test_benchmark_runs_in_small_mode(tmp_path):
         assert abs(results[f"chex@{ratio}"]["flops_ratio"] - ratio) <= 0.05 * ratio
         assert results[f"chex@{ratio}_masked"]["flops_ratio"] == 1.0  # masks only: the dense network
         assert results[f"chex@{ratio}"]["infer_ms"] > 0
+    assert payload["markdown"] == prune_regrow.report(payload)  # the report rebuilds from the JSON alone
 
 
 def test_export_rebuilds_a_module_saved_through_the_cli():
