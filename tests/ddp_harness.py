@@ -108,19 +108,28 @@ def launch_driver(script: str, workdir: Path, *args: Any, nprocs: int = 2, timeo
     return [json.loads((workdir / "out" / f"rank{rank}.json").read_text()) for rank in range(nprocs)]
 
 
-def drive(names: Sequence[str], run_one: Callable[[str], dict[str, Any]], out: Path) -> None:
-    """A driver's main loop, in each process of a `launch_driver` launch: ``run_one(name)`` for every
-    name, one after the other in the same process group; ``rank<k>.json`` holds per name its status
-    (``ok`` with what ``run_one`` returned, or ``error`` with the traceback), rewritten after each."""
+def drive(description: str, names: Sequence[str], run_one: Callable[[str, str, Path], dict[str, Any]]) -> None:
+    """The main loop of a driver of `launch_driver`, in each of its processes. Command line:
+    ``--out DIR --clip WEIGHTS [--only NAME ...]``. Calls ``run_one(name, clip weights, DIR / "runs")``
+    for every name, one after the other in the same process group; ``DIR/rank<k>.json`` holds per name
+    its status (``ok`` with what ``run_one`` returned, or ``error`` with the traceback), rewritten after
+    each, so a failure is reported and the next run goes on."""
+    import argparse
     import json
     import traceback
 
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for rank<k>.json")
+    parser.add_argument("--clip", required=True, help="open_clip weights of stacktrain-micro-clip")
+    parser.add_argument("--only", nargs="*", default=list(names), help="which runs (default: all)")
+    args = parser.parse_args()
+    out = Path(args.out)
     rank = int(os.environ.get("RANK", "0"))
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
-    for name in names:
+    for name in args.only:
         try:
-            results[name] = {"status": "ok", **run_one(name)}
+            results[name] = {"status": "ok", **run_one(name, args.clip, out / "runs")}
         except Exception:  # recorded, and the next run goes on in the same process group
             results[name] = {"status": "error", "error": traceback.format_exc()}
         (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1, sort_keys=True))

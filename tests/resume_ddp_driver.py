@@ -21,7 +21,6 @@ uninterrupted and the resumed run; rank 0 also records whether the checkpoint lo
 
 from __future__ import annotations
 
-import argparse
 import glob
 import sys
 from collections.abc import Callable
@@ -173,14 +172,5 @@ def run_scenario(name: str, clip: str, workdir: Path) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for rank<k>.json")
-    parser.add_argument("--clip", required=True, help="open_clip weights of stacktrain-micro-clip")
-    parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), help="which ones (default: all)")
-    args = parser.parse_args()
-    out = Path(args.out)
-    drive(args.scenarios, lambda name: run_scenario(name, args.clip, out / "runs" / name), out)
-
 if __name__ == "__main__":
-    main()
+    drive(__doc__, list(SCENARIOS), lambda name, clip, runs: run_scenario(name, clip, runs / name))

@@ -20,7 +20,6 @@ efficiency report's ratios, and what the run's probes saw (e.g. the token count 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 from collections.abc import Callable, Mapping
@@ -213,14 +212,5 @@ def run(name: str, clip: str, workdir: Path) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for rank<k>.json")
-    parser.add_argument("--clip", required=True, help="open_clip weights of stacktrain-micro-clip")
-    parser.add_argument("--runs", nargs="*", default=list(RUNS), help="which runs (default: all)")
-    args = parser.parse_args()
-    out = Path(args.out)
-    drive(args.runs, lambda name: run(name, args.clip, out / "runs"), out)
-
 if __name__ == "__main__":
-    main()
+    drive(__doc__, list(RUNS), run)
