@@ -107,6 +107,16 @@ def write_json(name: str, payload: dict[str, Any], out: str | None = None, markd
     return path
 
 
+def publish(name: str, payload: dict[str, Any], out: str | None, report: Callable[[dict[str, Any]], str]) -> Path:
+    """The end of every benchmark: print ``report(payload)`` (its tables and verdicts) and write the JSON
+    with that report stored beside the numbers (`write_json`); returns the JSON's path."""
+    markdown = report(payload)
+    print("\n" + markdown)
+    path = write_json(name, payload, out, markdown=markdown)
+    print(f"written {path}")
+    return path
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     arguments = argparse.ArgumentParser(description=description)
     arguments.add_argument("--out", default=None, help="JSON output path (default benchmarks/results/<name>.json)")

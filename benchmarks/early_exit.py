@@ -23,7 +23,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import parser, table, write_json  # noqa: E402
+from benchmarks.common import parser, publish, table  # noqa: E402
 from stacktrain.datamodules import DigitsDataModule, ImageFolderDataModule  # noqa: E402
 from stacktrain.lightning_modules import BoostedEarlyExit  # noqa: E402
 
@@ -178,10 +178,7 @@ def main(argv=None) -> dict:
                "seeds": args.seeds, "epochs": args.epochs, "repeats": args.repeats, "anytime": anytime,
                "budgeted": curve, "boost_minus_independent": deltas, "inference_at_50pct": timing,
                "per_seed": per_seed}
-    markdown = report(payload)
-    print(markdown)
-    path = write_json("early_exit", payload, args.out, markdown=markdown)
-    print(f"written {path}")
+    publish("early_exit", payload, args.out, report)
     return payload
 
 

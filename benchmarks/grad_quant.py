@@ -35,7 +35,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import parser, table, write_json  # noqa: E402
+from benchmarks.common import parser, publish, table  # noqa: E402
 from stacktrain.callbacks import EfficiencyReport, GradientQuantization  # noqa: E402
 from stacktrain.datamodules import DigitsDataModule  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
@@ -245,10 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["step_wall_ratio"] = row["step_wall_ms"] / base["step_wall_ms"]
             row["step_cpu_ratio"] = row["step_cpu_ms"] / base["step_cpu_ms"]
         payload["ddp"] = rows
-    markdown = report(payload)
-    print("\n" + markdown)
-    path = write_json("grad_quant", payload, args.out, markdown=markdown)
-    print(f"written {path}")
+    publish("grad_quant", payload, args.out, report)
     return payload
 
 

@@ -33,7 +33,7 @@ from lightning.pytorch import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.clip_cache import TINY_PRETRAINING, cached_clip  # noqa: E402
-from benchmarks.common import LoopTimer, add_ratios, parser, table, time_variants, write_json  # noqa: E402
+from benchmarks.common import LoopTimer, add_ratios, parser, publish, table, time_variants  # noqa: E402
 from stacktrain.datamodules import ShapesDataModule  # noqa: E402
 from stacktrain.functional.clip import (  # noqa: E402
     clip_logits,
@@ -188,10 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ce_drop_0_to_50": ce_drop, "step_time": timings, "timing_steps": args.timing_steps,
         "timing_repeats": args.timing_repeats, "checks": checks, "small": args.small,
     }
-    markdown = report(payload)
-    print("\n" + markdown)
-    path = write_json("prompt_tuning", payload, args.out, markdown=markdown)
-    print(f"written {path}")
+    publish("prompt_tuning", payload, args.out, report)
     return payload
 
 

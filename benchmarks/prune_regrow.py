@@ -37,7 +37,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import parser, table, write_json  # noqa: E402
+from benchmarks.common import parser, publish, table  # noqa: E402
 from stacktrain.callbacks import PruneRegrow  # noqa: E402
 from stacktrain.functional.flops import forward_flops  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
@@ -231,10 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compact["fit_wall_ratio_vs_masked"] = compact["fit_wall_s"] / masked["fit_wall_s"]
     settings = {k: v for k, v in vars(args).items() if k not in ("scratch", "out")}
     payload = {"settings": settings, "results": results}
-    markdown = report(payload)
-    print("\n" + markdown)
-    path = write_json("prune_regrow", payload, args.out, markdown=markdown)
-    print(f"written {path}")
+    publish("prune_regrow", payload, args.out, report)
     return results
 
 

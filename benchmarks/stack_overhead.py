@@ -28,7 +28,7 @@ from lightning.pytorch import Callback, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_ratios, parser, table, time_variants, write_json  # noqa: E402
+from benchmarks.common import add_ratios, parser, publish, table, time_variants  # noqa: E402
 from stacktrain.callbacks import EfficiencyReport  # noqa: E402
 from stacktrain.datamodules import DigitsDataModule  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
@@ -142,10 +142,7 @@ def main(argv=None) -> dict:
         row["in_hooks_pct"] = 100 * max(shares[name])
         row["step_ms"] = 1000 * row["wall_s"] / steps
     payload = {"steps": steps, "repeats": repeats, "results": timings}
-    markdown = report(payload)
-    print(markdown)
-    path = write_json("stack_overhead", payload, args.out, markdown=markdown)
-    print(f"written {path}")
+    publish("stack_overhead", payload, args.out, report)
     return timings
 
 

@@ -31,7 +31,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LoopTimer, add_ratios, parser, table, time_variants, write_json  # noqa: E402
+from benchmarks.common import LoopTimer, add_ratios, parser, publish, table, time_variants  # noqa: E402
 from stacktrain.callbacks import EfficiencyReport, TokenDropout  # noqa: E402
 from stacktrain.datamodules import DigitsDataModule  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
@@ -266,10 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     payload = {"settings": settings, "step_vit": vit, "step_time": steps, "keep_0.5_gap_to_timm": gap,
                "time_to_accuracy": accuracy}
-    markdown = report(payload)
-    print(markdown)
-    path = write_json("token_dropout", payload, args.out, markdown=markdown)
-    print(f"written {path}")
+    publish("token_dropout", payload, args.out, report)
     return {"step_time": steps, "gap": gap, "time_to_accuracy": accuracy}
 
 
