@@ -17,9 +17,11 @@ from stacktrain.optim import configure_optimization, weight_decay_groups
 __all__ = ["ImageClassifier", "check_data_matches"]
 
 
-def check_data_matches(module: LightningModule, model: nn.Module, num_classes: int) -> None:
+def check_data_matches(module: LightningModule, model: nn.Module, num_classes: int,
+                       uses_classes: str = "the model predicts") -> None:
     """Compare the model with the attached data module (``num_classes``, ``image_shape``) and raise
-    `StackError` before training if they disagree. Data modules without these attributes are skipped."""
+    `StackError` before training if they disagree. Data modules without these attributes are skipped.
+    ``uses_classes`` says what needs ``num_classes`` in the message (e.g. a k-NN evaluation)."""
     trainer = module._trainer
     datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
     if datamodule is None:
@@ -28,7 +30,7 @@ def check_data_matches(module: LightningModule, model: nn.Module, num_classes: i
     data_classes = getattr(datamodule, "num_classes", None)
     if data_classes is not None and int(data_classes) != int(num_classes):
         raise StackError(
-            f"the model predicts {num_classes} classes but the data has {data_classes}",
+            f"{uses_classes} {num_classes} classes but the data has {data_classes}",
             source=source,
             key="model.init_args.num_classes",
             value=num_classes,

@@ -36,7 +36,8 @@ from stacktrain.functional.contrastive import (
     moco_contrastive_loss,
     nt_xent_loss,
 )
-from stacktrain.models import check_input_shape, create_timm_model
+from stacktrain.lightning_modules.classifier import check_data_matches
+from stacktrain.models import create_timm_model
 from stacktrain.optim import configure_optimization, weight_decay_groups
 
 __all__ = ["ContrastiveLearner", "SimCLR", "MoCoV3", "DINO"]
@@ -94,23 +95,11 @@ class ContrastiveLearner(LightningModule, abc.ABC):
 
     # ----------------------------------------------------------------------------------- checks
     def setup(self, stage: str) -> None:
-        trainer = self._trainer
-        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if datamodule is None:
+        check_data_matches(self, self.backbone, self.hparams.num_classes, uses_classes="the k-NN evaluation expects")
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or stage != "fit":
             return
         source = type(self).__name__
-        data_classes = getattr(datamodule, "num_classes", None)
-        if data_classes is not None and int(data_classes) != self.hparams.num_classes:
-            raise StackError(
-                f"the k-NN evaluation expects {self.hparams.num_classes} classes but the data has {data_classes}",
-                source=source, key="model.init_args.num_classes", value=self.hparams.num_classes,
-                fix=f"set model.init_args.num_classes: {data_classes}",
-            )
-        image_shape = getattr(datamodule, "image_shape", None)
-        if image_shape is not None:
-            check_input_shape(self.backbone, image_shape, source=source)
-        if stage != "fit":
-            return
         self.global_views = int(getattr(datamodule, "global_views", 0))
         if self.global_views < self.required_views:
             raise StackError(

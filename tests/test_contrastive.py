@@ -130,3 +130,7 @@ def test_single_view_data_and_multi_crop_without_dynamic_size_are_refused_before
     with pytest.raises(StackError, match="dynamic_img_size"):
         fit(dino, MultiViewDataModule(DigitsDataModule(batch_size=32), local_views=2))
     assert dino.trainer.global_step == 0
+    knn = SimCLR(model_name="vit_tiny_patch16_224", in_chans=1, model_kwargs=VIT, hidden_dim=64, num_classes=7)
+    with pytest.raises(StackError, match="the k-NN evaluation expects 7 classes but the data has 10.*num_classes: 10"):
+        fit(knn, MultiViewDataModule(DigitsDataModule(batch_size=32)))
+    assert knn.trainer.global_step == 0
