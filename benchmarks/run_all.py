@@ -119,14 +119,10 @@ def write_results(path: Path, results_dir: Path, mode: str, entries: list[dict[s
         "## Measured",
         "",
     ]
-    every_rendered = True
     measured = result_files(results_dir, small=False)
     if not measured:
         lines += ["No measurement JSON in `benchmarks/results/`: run `python benchmarks/run_all.py`.", ""]
-    for json_path in measured:
-        section, rendered = render(json_path)
-        lines += section
-        every_rendered &= rendered
+    every_rendered = _render_into(lines, measured)
     if mode == "measure":
         lines += ["## This run", "", "Measurement mode; its JSONs are rendered above.", ""]
         lines += [_log_line(entry) for entry in entries] + [""]
@@ -137,14 +133,21 @@ def write_results(path: Path, results_dir: Path, mode: str, entries: list[dict[s
         if mode == "small" or small_files:
             lines += ["## Smoke run", "", SMOKE_CAVEAT, ""]
             lines += [_log_line(entry) for entry in entries] + ([""] if entries else [])
-            for json_path in small_files:
-                section, rendered = render(json_path)
-                lines += section
-                every_rendered &= rendered
+            every_rendered &= _render_into(lines, small_files)
     for entry in entries:
         if entry["error"]:
             lines += [f"`{entry['name']}` {entry['status']}:", "", "```", entry["error"], "```", ""]
     path.write_text("\n".join(lines).rstrip() + "\n")
+    return every_rendered
+
+
+def _render_into(lines: list[str], json_paths: list[Path]) -> bool:
+    """Appends the section of every JSON to ``lines``; whether all of them rendered."""
+    every_rendered = True
+    for json_path in json_paths:
+        section, rendered = render(json_path)
+        lines += section
+        every_rendered &= rendered
     return every_rendered
 
 
