@@ -31,7 +31,7 @@ from stacktrain.functional.quantize import (
     quantized_allgather_hook,
 )
 from stacktrain.loggers import log_table_with_line
-from stacktrain.stack import BYTES_PER_STEP, STACK_ORDER, Technique
+from stacktrain.stack import BYTES_PER_STEP, STACK_ORDER, Technique, gather_per_rank
 
 __all__ = ["GradientQuantization", "COMPENSATIONS"]
 
@@ -358,14 +358,8 @@ class GradientQuantization(Technique):
             "bytes_history": [list(row) for row in self.bytes_history],
         }
         if self.quantizer is not None and self.quantizer.error_feedback:
-            residuals = self.quantizer.state_dict()["residuals"]
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                # Residuals differ per rank and a checkpoint is written by rank 0: keep every rank's.
-                gathered: list[Any] = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, residuals)
-                state["residuals_by_rank"] = gathered
-            else:
-                state["residuals_by_rank"] = [residuals]
+            # residuals differ per rank: keep every rank's
+            state["residuals_by_rank"] = gather_per_rank(self.quantizer.state_dict()["residuals"])
         if self.hypernet is not None:
             state["hypernet"] = self.hypernet.state_dict()
         return state

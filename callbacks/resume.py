@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+
+from stacktrain.stack import gather_per_rank
 
 __all__ = ["ExactResume", "collect_rng_state", "restore_loader_position", "restore_rng_state"]
 
@@ -82,13 +83,7 @@ class ExactResume(Callback):
         self._loaded: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        # Lightning builds the checkpoint on every rank (only rank 0 writes it): the gather is collective.
-        own = collect_rng_state()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, own)
-            return {"rng_by_rank": gathered}
-        return {"rng_by_rank": [own]}
+        return {"rng_by_rank": gather_per_rank(collect_rng_state())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._loaded = state_dict

@@ -366,6 +366,19 @@ def unique_path(path: str) -> str:
     return f"{stem}-{n}{ext}"
 
 
+def gather_per_rank(value: Any) -> list[Any]:
+    """``value`` of every rank, by rank (``[value]`` without a process group). A checkpoint is written by
+    rank 0 alone, so state that differs per rank is gathered into it; Lightning builds the checkpoint's
+    state on every rank, which makes this collective call safe inside ``state_dict``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, value)
+        return gathered
+    return [value]
+
+
 def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A generator that is identical on every rank for a given (seed, global step): random decisions
     that must agree across DDP ranks draw from it instead of the per-rank global RNG."""
