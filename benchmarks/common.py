@@ -285,29 +285,37 @@ def add_data_argument(arguments: argparse.ArgumentParser, default: str = "clutte
     arguments.add_argument("--data", default=default, help=DATA_HELP + f" (default {default})")
 
 
-def classification_data(spec: str, *, batch_size: int, image_size: int | None = None, channels: int = 1,
-                        seed: int = 0, small: bool = False, num_workers: int = 0) -> Any:
-    """The data module ``--data`` names (see `DATA_HELP`), ``image_size`` pixels (the data's own size
-    when None), ``channels`` channels; ``small`` shrinks the embedded sets for smoke runs."""
-    from stacktrain.datamodules import ClutteredDigitsDataModule, DigitsDataModule, ImageFolderDataModule
-
+def data_config(spec: str, *, batch_size: int, image_size: int | None = None, channels: int = 1, seed: int = 0,
+                small: bool = False, num_workers: int = 0) -> dict[str, Any]:
+    """The data module ``--data`` names (see `DATA_HELP`) as a LightningCLI ``class_path``/``init_args``
+    dict (what a config's ``data:`` holds): ``image_size`` pixels (the data's own size when None),
+    ``channels`` channels; ``small`` shrinks the embedded sets for smoke runs."""
+    common = dict(channels=channels, batch_size=batch_size, seed=seed, num_workers=num_workers)
     if spec == "digits":
-        return DigitsDataModule(image_size=image_size or 16, channels=channels, batch_size=batch_size, seed=seed,
-                                num_workers=num_workers)
+        return {"class_path": "stacktrain.datamodules.DigitsDataModule",
+                "init_args": dict(common, image_size=image_size or 16)}
     if spec == "cluttered":
         size = image_size or 32
-        scaled = {} if size == 32 else dict(digit_size=(max(4, size * 14 // 32), max(4, size * 21 // 32)),
+        scaled = {} if size == 32 else dict(digit_size=[max(4, size * 14 // 32), max(4, size * 21 // 32)],
                                             fragment_size=max(2, size * 6 // 32))
         sizes = dict(train_size=512, val_size=256, test_size=256) if small else {}
-        return ClutteredDigitsDataModule(image_size=size, channels=channels, batch_size=batch_size, seed=seed,
-                                         num_workers=num_workers, **scaled, **sizes)
+        return {"class_path": "stacktrain.datamodules.ClutteredDigitsDataModule",
+                "init_args": dict(common, image_size=size, **scaled, **sizes)}
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise SystemExit(f"--data {spec!r}: not 'digits', 'cluttered' or an existing folder ({DATA_HELP})")
     dataset = ("cifar10" if (path / "cifar-10-batches-py").is_dir()
                else "cifar100" if (path / "cifar-100-python").is_dir() else "imagefolder")
-    return ImageFolderDataModule(str(path), dataset=dataset, image_size=image_size, channels=channels,
-                                 batch_size=batch_size, seed=seed, num_workers=num_workers)
+    return {"class_path": "stacktrain.datamodules.ImageFolderDataModule",
+            "init_args": dict(common, root=str(path), dataset=dataset, image_size=image_size)}
+
+
+def classification_data(spec: str, **settings: Any) -> Any:
+    """The data module of `data_config` (same arguments), built."""
+    import stacktrain.datamodules as datamodules
+
+    config = data_config(spec, **settings)
+    return getattr(datamodules, config["class_path"].rsplit(".", 1)[1])(**config["init_args"])
 
 
 def data_name(spec: str) -> str:
@@ -375,3 +383,34 @@ def staleness(record: dict[str, Any]) -> str:
     shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
     commit = (recorded.get("commit") or "an unknown commit")[:10]
     return f"code changed since it was measured at {commit}: {shown}"
+
+
+# ------------------------------------------------------------------------------ floors of a task
+def calibration_path(data: str) -> Path:
+    """Where `benchmarks/calibration.py` writes the floors of ``data`` (the cluttered task's is the default)."""
+    return RESULTS / ("calibration.json" if data == "cluttered" else f"calibration_{Path(data).name}.json")
+
+
+def calibrated_floors(data: str) -> dict[str, float]:
+    """The floors `benchmarks/calibration.py` measured on ``data`` (chance, raw-pixel k-NN, k-NN on
+    randomly initialised CNN and ViT features), from its JSON; empty when it has not been measured."""
+    path = calibration_path(data)
+    if not path.is_file():
+        return {}
+    floors = json.loads(path.read_text())["floors"]
+    return {"chance": floors["chance"], "raw-pixel k-NN": floors["raw_knn"],
+            "random-init CNN k-NN": statistics.fmean(floors["random_cnn_knn"]),
+            "random-init ViT k-NN": statistics.fmean(floors["random_vit_knn"])}
+
+
+def task_headroom(baseline: Sequence[float] | float, data: str, *, floors: Sequence[str] = ("chance", "raw-pixel k-NN"),
+                  effects: dict[str, tuple[float, float]] | None = None, margin: float = 0.05) -> dict[str, Any]:
+    """`headroom` of a baseline on ``data`` against the calibrated floors named in ``floors`` (a
+    supervised baseline: chance and raw-pixel k-NN; an SSL k-NN target: raw-pixel and random-init
+    features). Without a calibration of ``data`` the headroom is not shown."""
+    measured = calibrated_floors(data)
+    if not measured:
+        return {"ok": False, "checks": [], "reason": f"no calibration of {data_name(data)} "
+                f"(run python benchmarks/calibration.py --data {data} --out "
+                f"{calibration_path(data).relative_to(REPOSITORY)})"}
+    return headroom(baseline, floors={name: measured[name] for name in floors}, margin=margin, effects=effects)

@@ -16,8 +16,8 @@ calibration table in benchmarks/RESULTS.md).
   index)`` like every stacktrain augmentation.
 
 The knobs that set the difficulty (defaults in brackets, measured in the calibration table):
-``digit_size`` [(14, 21)] pixels of the digit's side, ``clutter`` [6] fragments of other digits,
-``fragment_size`` [6] their side in pixels, ``noise`` [0.15] standard deviation of the Gaussian noise
+``digit_size`` [(14, 21)] pixels of the digit's side, ``clutter`` [8] fragments of other digits,
+``fragment_size`` [6] their side in pixels, ``noise`` [0.25] standard deviation of the Gaussian noise
 on a [0, 1] canvas, ``image_size`` [32] the canvas side. Smaller digits, more and larger fragments
 and more noise make it harder.
 """
@@ -135,9 +135,9 @@ class ClutteredDigitsDataModule(ImageDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.25,
         digit_size: tuple[int, int] = (14, 21),
-        clutter: int = 6,
+        clutter: int = 8,
         fragment_size: int = 6,
-        noise: float = 0.15,
+        noise: float = 0.25,
         data_seed: int = 0,
         seed: int = 0,
         augment: bool = False,
