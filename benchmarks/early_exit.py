@@ -83,7 +83,7 @@ def time_inference(module: BoostedEarlyExit, data, repeats: int) -> dict:
 
     def early():
         for images in batches:
-            _, exits, _ = module.network.early_exit(images, thresholds, module.mode, module.weights)
+            _, exits, _ = module.network.early_exit(images, thresholds, module.mode, module.weights, module.form)
             exits_seen.append(exits)
 
     with torch.no_grad():
