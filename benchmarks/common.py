@@ -105,11 +105,12 @@ def table(rows: dict[str, dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def write_json(name: str, payload: dict[str, Any], out: str | None = None, markdown: str | None = None) -> Path:
-    """Write ``payload`` with the machine it ran on; ``markdown`` is the human report (tables and
-    verdicts) that ``run_all.py`` copies into RESULTS.md."""
+    """Write ``payload`` with the machine it ran on and its provenance (the code in the benchmark's
+    ``SCOPE``, see `provenance`); ``markdown`` is the human report (tables and verdicts) that
+    ``run_all.py`` copies into RESULTS.md."""
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": name, "machine": machine(), "provenance": provenance(), **payload}
+    record = {"benchmark": name, "machine": machine(), "provenance": provenance(benchmark_scope(name)), **payload}
     if markdown:
         record["markdown"] = markdown
     path.write_text(json.dumps(record, indent=2))
@@ -335,9 +336,23 @@ def _git(*args: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def imported_code() -> list[str]:
-    """Repository-relative paths of the project's Python files this process imported (the code a
-    benchmark's figures depend on), sorted."""
+def benchmark_scope(name: str) -> list[str] | None:
+    """The ``SCOPE`` a benchmark module declares: the files and folders its figures depend on (its
+    own script, the technique's module and functional core, the data...). Importing every technique
+    through ``stacktrain.lightning_modules`` must not make a change to another technique mark it stale."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"benchmarks.{name}")
+    except ImportError:
+        return None
+    scope = getattr(module, "SCOPE", None)
+    return list(scope) if scope else None
+
+
+def imported_code(scope: Sequence[str] | None = None) -> list[str]:
+    """Repository-relative paths of the project's Python files this process imported, sorted; with
+    ``scope`` (paths of files, or of folders ending in ``/``) only those inside it."""
     files = set()
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
@@ -347,8 +362,11 @@ def imported_code() -> list[str]:
             relative = Path(path).resolve().relative_to(REPOSITORY)
         except ValueError:
             continue
-        if relative.suffix == ".py" and not relative.parts[0].startswith("."):
-            files.add(relative.as_posix())
+        name = relative.as_posix()
+        if relative.suffix != ".py" or relative.parts[0].startswith("."):
+            continue
+        if scope is None or any(name == entry or (entry.endswith("/") and name.startswith(entry)) for entry in scope):
+            files.add(name)
     return sorted(files)
 
 
@@ -361,10 +379,11 @@ def code_digests(files: Sequence[str]) -> dict[str, str]:
     return digests
 
 
-def provenance() -> dict[str, Any]:
-    """What a JSON's figures were measured with: the commit, whether the tree had uncommitted changes,
-    and the content digest of every project file the benchmark imported (`staleness` compares them)."""
-    files = imported_code()
+def provenance(scope: Sequence[str] | None = None) -> dict[str, Any]:
+    """What a JSON's figures were measured with: the commit, whether those files had uncommitted
+    changes, and the content digest of every project file the benchmark imported within ``scope``
+    (all of them without one); `staleness` compares the digests."""
+    files = imported_code(scope)
     return {"commit": _git("rev-parse", "HEAD") or None,
             "dirty": bool(_git("status", "--porcelain", "--", *files)) if files else None,
             "code": code_digests(files)}

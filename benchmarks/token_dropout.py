@@ -40,6 +40,26 @@ from benchmarks.common import (  # noqa: E402
 from stacktrain.callbacks import EfficiencyReport, TokenDropout  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
 
+#: The code this benchmark's figures depend on (`benchmarks.common.provenance`: a change here marks its
+#: JSON stale in RESULTS.md; a change to another technique does not).
+SCOPE = [
+    "benchmarks/token_dropout.py",
+    "benchmarks/common.py",
+    "datamodules/",
+    "stacktrain/stack.py",
+    "callbacks/efficiency.py",
+    "callbacks/token_dropout.py",
+    "stacktrain/functional/token_drop.py",
+    "stacktrain/functional/acceleration_schedule.py",
+    "stacktrain/functional/contrastive.py",
+    "stacktrain/functional/flops.py",
+    "stacktrain/search_schedule.py",
+    "lightning_modules/contrastive.py",
+    "lightning_modules/classifier.py",
+    "stacktrain/models.py",
+    "stacktrain/optim.py",
+]
+
 REPO = Path(__file__).resolve().parents[1]
 #: Search budgets: MoCo v3's momentum encoder and DINO's teacher see full sequences, so no schedule
 #: of the student costs less than about 0.31 of their full step.
