@@ -1,0 +1,152 @@
+"""Every shipped config under ``precision: bf16-mixed`` and ``accumulate_grad_batches: 2`` on the CPU
+(a few micro-batches each), with a check that its technique still acts; and, per technique, whether
+accumulating two micro-batches gives the weights of one batch twice as large.
+
+The accumulation comparison feeds the same ``B`` samples twice: one step on the batch ``[x; x]``
+against two accumulated micro-batches ``x`` and ``x``. The mean loss, its gradient and BatchNorm's
+batch statistics are then the same on both sides, so any difference comes from the technique.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import REPO
+from stacktrain.callbacks import GradientQuantization, NonFiniteGuard, PruneRegrow, TokenDropout
+from stacktrain.functional.quantize import max_code
+from stacktrain.lightning_modules import BoostedEarlyExit, ImageClassifier, PromptTunedCLIP
+
+CONFIGS = sorted(os.path.basename(c) for c in glob.glob(str(REPO / "configs" / "*.yaml")))
+NEEDS_CLIP_WEIGHTS = {"prompt_tuning_noisy.yaml", "prompt_tuning_unsupervised.yaml", "stack_clip.yaml"}
+#: every config: 4 micro-batches of at most 16 samples, 2 optimizer steps, no validation, one process
+QUICK = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.max_steps", "2",
+         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "0",
+         "--trainer.num_sanity_val_steps", "0", "--trainer.devices", "1", "--trainer.strategy", "auto",
+         "--trainer.precision", "bf16-mixed", "--trainer.accumulate_grad_batches", "2"]
+#: test_resnet at 16 px ends in 1x1 feature maps, where the CPU's oneDNN bf16 backward of a padded 3x3
+#: convolution returns a few NaN weight-gradient entries from uninitialised memory (now and then: it
+#: goes away with torch.backends.mkldnn.enabled = False); at 32 px the maps are 2x2 and it does not occur
+AT_32_PX = {"grad_quant_int4.yaml", "stack_cnn.yaml"}
+CLIP_SMALL = ["--model.init_args.model_name", "stacktrain-micro-clip", "--model.init_args.n_ctx", "4",
+              "--model.init_args.shots", "4", "--data.init_args.train_size", "120", "--data.init_args.val_size", "20",
+              "--data.init_args.test_size", "20", "--data.init_args.batch_size", "4"]
+
+
+class Probe(Callback):
+    """Records, per training micro-batch, what each technique did, and the dtypes Linear layers produced."""
+
+    def __init__(self) -> None:
+        self.linear_dtypes: set[torch.dtype] = set()
+        self.tokens: list[tuple[int, int]] = []
+        self.grad_levels: list[int] = []
+        self.micro_batches = 0
+        self.in_step = False
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.initial = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        for module in pl_module.modules():
+            if isinstance(module, nn.Linear):
+                module.register_forward_hook(self._record_dtype)
+        quant = _find(trainer, GradientQuantization)
+        if quant is not None and quant.quantizer is not None:
+            original = quant.quantizer.quantize_weight_gradient
+
+            def recording(name: str, grad: torch.Tensor) -> torch.Tensor:
+                out = original(name, grad)
+                if out.numel() > 4 * max_code(quant.quantizer.bits):
+                    self.grad_levels.append(int(torch.unique(out).numel()))  # values k * scale
+                return out
+
+            quant.quantizer.quantize_weight_gradient = recording
+
+    def _record_dtype(self, module, inputs, output) -> None:
+        if self.in_step and isinstance(output, torch.Tensor):
+            self.linear_dtypes.add(output.dtype)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.in_step = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.in_step = False
+        self.micro_batches += 1
+        dropout = _find(trainer, TokenDropout)
+        if dropout is not None and dropout.compression is not None:
+            drop = dropout.compression.drop
+            self.tokens.append((drop.tokens, drop.tokens_full))
+
+
+def _find(trainer: Trainer, kind: type) -> Callback | None:
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+
+
+def _changed(before: torch.Tensor, after: torch.Tensor) -> bool:
+    return before.shape != after.shape or not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_trains_in_bf16_with_accumulation_and_its_technique_acts(config, tmp_path, monkeypatch, micro_clip):
+    from stacktrain.cli import StackCLI
+
+    monkeypatch.chdir(REPO)
+    args = ["--config", f"configs/{config}", *QUICK, "--trainer.default_root_dir", str(tmp_path)]
+    if config in NEEDS_CLIP_WEIGHTS:
+        args += [*CLIP_SMALL, "--model.init_args.pretrained", micro_clip]
+    if config == "prompt_tuning_unsupervised.yaml":  # a random micro CLIP pseudo-labels few images per class
+        args += ["--model.init_args.shots", "null"]
+    if config == "clip_pretrain_tiny.yaml":
+        args += ["--data.init_args.batch_size", "32"]
+    if config in AT_32_PX:
+        args += ["--data.init_args.image_size", "32"]
+    cli = StackCLI(args=args, run=False)
+    trainer, module = cli.trainer, cli.model
+    trainer.callbacks = [c for c in trainer.callbacks if type(c).__name__ != "RichProgressBar"]
+    probe = Probe()
+    trainer.callbacks.append(probe)
+    trainer.fit(module, datamodule=cli.datamodule)
+
+    assert trainer.global_step == 2 and probe.micro_batches == 4  # two micro-batches per optimizer step
+    assert torch.bfloat16 in probe.linear_dtypes  # autocast ran the layers in bfloat16
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert all(c.skipped_steps == 0 for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+    after = module.state_dict()
+    trained = [k for k, v in probe.initial.items() if k in after and _changed(v, after[k])]
+    assert trained, "no weight changed"
+    if _find(trainer, TokenDropout) is not None:
+        assert len(probe.tokens) == 4 and all(0 < kept < full for kept, full in probe.tokens)
+    prune = _find(trainer, PruneRegrow)
+    if prune is not None:
+        assert prune.history and prune.history[-1]["channel_sparsity"] > 0
+        _assert_pruned_channels_are_zero(prune, module)
+    quant = _find(trainer, GradientQuantization)
+    if quant is not None and quant.quantizer is not None:
+        levels = 2 * max_code(quant.quantizer.bits) + 1  # codes -top..top
+        assert probe.grad_levels and max(probe.grad_levels) <= levels
+    if isinstance(module, BoostedEarlyExit):
+        heads = [k for k in probe.initial if k.startswith("network.heads.")]
+        assert heads and all(k in trained for k in heads)  # every exit head was trained
+    if isinstance(module, PromptTunedCLIP):
+        assert any(k.startswith("prompt.") for k in trained)  # the prompt learned
+        assert not any(k.startswith("model.") for k in trained)  # and CLIP stayed frozen
+
+
+def _assert_pruned_channels_are_zero(prune: PruneRegrow, module: nn.Module) -> None:
+    """Masks applied: after the optimizer step every pruned slice of a producing conv is zero."""
+    if prune.compacted:
+        return
+    zeroed = 0
+    for mask, group in zip(prune.masks, prune.plan.groups):
+        dead = ~mask.cpu()
+        for piece in (s for s in group.slices if s.role == "producer" and bool(dead.any())):
+            tensor = getattr(module.get_submodule(piece.module), piece.param)
+            values = tensor.index_select(piece.dim, piece.grid[dead].flatten().to(tensor.device))
+            zeroed += values.numel()
+            assert float(values.abs().sum()) == 0.0, piece.key
+    assert zeroed > 0
