@@ -150,3 +150,139 @@ def _assert_pruned_channels_are_zero(prune: PruneRegrow, module: nn.Module) -> N
             zeroed += values.numel()
             assert float(values.abs().sum()) == 0.0, piece.key
     assert zeroed > 0
+
+
+# ------------------------------------------------------------------ accumulation against a twice larger batch
+class FixedBatches(LightningDataModule):
+    """``(images, labels)`` in a fixed order; ``repeat`` puts each batch of ``size`` samples twice in a row."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> None:
+        super().__init__()
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        self.image_shape = tuple(images.shape[1:])
+        self.num_classes = 10
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.images, self.labels), batch_size=self.batch_size, shuffle=False)
+
+
+def duplicated_batches(micro: bool, size: int = 8, steps: int = 2, image_size: int = 16) -> FixedBatches:
+    """``steps`` optimizer steps of the same data: each step's ``size`` samples ``x`` as two accumulated
+    micro-batches ``x, x`` (``micro``) or as one batch ``[x; x]``."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(steps, size, 1, image_size, image_size, generator=generator)
+    labels = torch.randint(0, 10, (steps, size), generator=generator)
+    images, labels = images.repeat_interleave(2, dim=0), labels.repeat_interleave(2, dim=0)
+    return FixedBatches(images.flatten(0, 1), labels.flatten(0, 1), size if micro else 2 * size)
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.2)
+
+
+def vit_classifier() -> ImageClassifier:
+    from conftest import TINY_VIT
+
+    return ImageClassifier("vit_tiny_patch16_224", in_chans=1, model_kwargs=dict(TINY_VIT), optimizer=sgd)
+
+
+def resnet_classifier() -> ImageClassifier:
+    return ImageClassifier("test_resnet", in_chans=1, optimizer=sgd)
+
+
+#: technique -> (module factory, callbacks factory); each run twice: accumulated micro-batches, one batch
+ACCUMULATES_EXACTLY = {
+    "none": (vit_classifier, lambda: []),
+    "PruneRegrow": (resnet_classifier, lambda: [PruneRegrow(target_flops_ratio=0.5, update_every=1,
+                                                            update_unit="step", explore_until=1.0)]),
+    "GradientQuantization": (resnet_classifier, lambda: [GradientQuantization(
+        bits=4, targets="both", compensation="hypernet", stochastic_rounding=False)]),
+    "BoostedEarlyExit": (lambda: BoostedEarlyExit("resnet10t", in_chans=1, optimizer=sgd, budgets=[1.0],
+                                                  predict_budget=1.0), lambda: []),
+}
+
+
+def run_accumulated(make_module, make_callbacks, tmp_path, micro: bool, steps: int = 2):
+    seed_everything(0)
+    module = make_module()
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(tmp_path), accumulate_grad_batches=2 if micro else 1,
+                      callbacks=make_callbacks())
+    trainer.fit(module, datamodule=duplicated_batches(micro, steps=steps))
+    assert trainer.global_step == steps
+    return module, trainer
+
+
+@pytest.mark.parametrize("technique", list(ACCUMULATES_EXACTLY))
+def test_two_accumulated_micro_batches_equal_one_batch_twice_as_large(technique, tmp_path):
+    make_module, make_callbacks = ACCUMULATES_EXACTLY[technique]
+    accumulated, _ = run_accumulated(make_module, make_callbacks, tmp_path / "micro", micro=True)
+    single, _ = run_accumulated(make_module, make_callbacks, tmp_path / "single", micro=False)
+    initial = make_module().state_dict()
+    moved = 0
+    for name, value in single.named_parameters():
+        torch.testing.assert_close(dict(accumulated.named_parameters())[name], value, atol=2e-5, rtol=1e-4, msg=name)
+        moved += int(not torch.allclose(value, initial[name]))
+    assert moved > 0  # training changed the weights, so the comparison means something
+
+
+class KeepRatios(Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, int]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        dropout = _find(trainer, TokenDropout)
+        self.seen.append((dropout.last["step"], dropout.last["keep_ratio"], dropout.compression.drop.tokens))
+
+
+def test_what_accumulation_cannot_reproduce_exactly(tmp_path):
+    """Random draws are per micro-batch, by design: TokenDropout draws each micro-batch's token masks
+    (seeded by step and batch index) and GradientQuantization's stochastic rounding draws its noise per
+    backward, so two micro-batches are not the same draw as one batch twice as large: the weights differ
+    (statistically equivalent, not bitwise). The schedule still follows optimizer steps: both
+    micro-batches of a step get that step's keep ratio, and as many tokens as the large batch."""
+    def dropout():
+        return [TokenDropout(keep_ratio=0.75, schedule="linear", until=1.0), KeepRatios()]
+
+    runs = {micro: run_accumulated(vit_classifier, dropout, tmp_path / str(micro), micro=micro, steps=3)
+            for micro in (True, False)}
+    (accumulated, acc_trainer), (single, single_trainer) = runs[True], runs[False]
+    micro_seen = next(c for c in acc_trainer.callbacks if isinstance(c, KeepRatios)).seen
+    single_seen = next(c for c in single_trainer.callbacks if isinstance(c, KeepRatios)).seen
+    assert [step for step, _, _ in micro_seen] == [0, 0, 1, 1, 2, 2]
+    assert [ratio for _, ratio, _ in micro_seen] == [ratio for _, ratio, _ in single_seen for _ in (0, 1)]
+    assert len({ratio for _, ratio, _ in single_seen}) == 3  # the linear schedule moved every step
+    assert [2 * tokens for _, _, tokens in micro_seen[::2]] == [tokens for _, _, tokens in single_seen]
+    assert not torch.allclose(accumulated.model.head.weight, single.model.head.weight, atol=1e-4)
+
+    def stochastic():
+        return [GradientQuantization(bits=4, targets="both", compensation="none", stochastic_rounding=True)]
+
+    noisy_micro, _ = run_accumulated(resnet_classifier, stochastic, tmp_path / "gq_micro", micro=True)
+    noisy_single, _ = run_accumulated(resnet_classifier, stochastic, tmp_path / "gq_single", micro=False)
+    assert not torch.allclose(noisy_micro.model.fc.weight, noisy_single.model.fc.weight, atol=1e-4)
+
+
+def test_prompt_tuning_accumulates_exactly_on_different_micro_batches(tmp_path, micro_clip):
+    """The frozen CLIP has no batch statistics and the loss is a per-sample mean, so two accumulated
+    micro-batches of 4 give the prompt of one batch of the same 8 samples (the same shuffled order)."""
+    from stacktrain.datamodules import ShapesDataModule
+
+    def run(batch_size: int, accumulate: int) -> PromptTunedCLIP:
+        seed_everything(0)
+        model = PromptTunedCLIP("stacktrain-micro-clip", pretrained=micro_clip, n_ctx=4, shots=4, optimizer=sgd)
+        data = ShapesDataModule(train_size=120, val_size=40, test_size=40, batch_size=batch_size)
+        trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, limit_val_batches=0, num_sanity_val_steps=0,
+                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, default_root_dir=str(tmp_path), accumulate_grad_batches=accumulate)
+        trainer.fit(model, data)
+        assert trainer.global_step == 2
+        return model
+
+    accumulated, single = run(4, 2), run(8, 1)
+    seed_everything(0)
+    before = PromptTunedCLIP("stacktrain-micro-clip", pretrained=micro_clip, n_ctx=4, shots=4).prompt.state_dict()
+    for name, value in single.prompt.state_dict().items():
+        torch.testing.assert_close(accumulated.prompt.state_dict()[name], value, atol=1e-5, rtol=1e-4)
+    assert any(not torch.allclose(single.prompt.state_dict()[k], v) for k, v in before.items())
