@@ -286,3 +286,15 @@ def test_prompt_tuning_accumulates_exactly_on_different_micro_batches(tmp_path, 
     for name, value in single.prompt.state_dict().items():
         torch.testing.assert_close(accumulated.prompt.state_dict()[name], value, atol=1e-5, rtol=1e-4)
     assert any(not torch.allclose(single.prompt.state_dict()[k], v) for k, v in before.items())
+
+
+def test_nt_xent_under_bf16_autocast_matches_float32():
+    """The loss behind simclr_token_dropout.yaml's bf16 failure: the -inf fill of the self-similarities
+    now takes the logits' dtype."""
+    from stacktrain.functional.contrastive import nt_xent_loss
+
+    generator = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 16, generator=generator), torch.randn(8, 16, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = nt_xent_loss(z1, z2, 0.2)
+    assert torch.isfinite(low) and abs(float(low) - float(nt_xent_loss(z1, z2, 0.2))) < 0.05
