@@ -26,5 +26,6 @@ def test_dry_run_on_the_cpu_writes_one_json(tmp_path):
     step_time = report["token_dropout_step_time"]["step_time"]
     assert step_time["full sequence"]["wall_ratio"] == 1.0 and 0 < step_time["TokenDropout keep 0.5"]["step_ms"]
     early = report["early_exit_inference"]
+    assert early["passed"] is True
     assert sum(early["exit_shares"]) == early["images"] > 0
     assert 0 < early["flops_ratio"] <= 1 and early["full_ms"] > 0 and early["early_exit_ms"] > 0
