@@ -153,7 +153,6 @@ def early_exit_inference(args: argparse.Namespace, scratch: str) -> dict[str, An
 def time_exits(module: Any, batches: list[Any], device: Any, repeats: int) -> dict[str, Any]:
     import torch
 
-    thresholds = module.policy(0.5).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
     def timed(run) -> float:
@@ -167,8 +166,7 @@ def time_exits(module: Any, batches: list[Any], device: Any, repeats: int) -> di
 
     exits: list[Any] = []
     full = lambda: [module.network.full_forward(b) for b in batches]  # noqa: E731
-    early = lambda: exits.extend(module.network.early_exit(b, thresholds, module.mode, module.weights)[1]  # noqa: E731
-                                 for b in batches)
+    early = lambda: exits.extend(module.early_exit(b, 0.5)[1] for b in batches)  # noqa: E731
     with torch.no_grad(), autocast:
         full(), early()  # warm-up (cuDNN algorithm choice, allocator)
         times = {"full": [timed(full) for _ in range(repeats)], "early_exit": [timed(early) for _ in range(repeats)]}
