@@ -187,15 +187,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.dry_run:
         args.steps, args.configs = 1, args.configs or "quickstart"
     out = Path(args.out or os.path.join(os.environ.get("OUT") or str(REPO / "runs"), "gpu_check.json"))
-    scratch = tempfile.mkdtemp(prefix="stacktrain-gpu-check-")
     report: dict[str, Any] = {"dry_run": args.dry_run, "precision": args.precision, "steps": args.steps,
                               "machine": device_info()}
-    report["configs"] = run_configs(args, scratch)
-    report["token_dropout_step_time"] = token_dropout_step_time(args, scratch)
-    try:
-        report["early_exit_inference"] = {"passed": True, **early_exit_inference(args, scratch)}
-    except Exception as error:  # noqa: BLE001 - the JSON still gets written, saying what failed
-        report["early_exit_inference"] = {"passed": False, "line": f"{type(error).__name__}: {error}"[-300:]}
+    with tempfile.TemporaryDirectory(prefix="stacktrain-gpu-check-") as scratch:
+        report["configs"] = run_configs(args, scratch)
+        report["token_dropout_step_time"] = token_dropout_step_time(args, scratch)
+        try:
+            report["early_exit_inference"] = {"passed": True, **early_exit_inference(args, scratch)}
+        except Exception as error:  # noqa: BLE001 - the JSON still gets written, saying what failed
+            report["early_exit_inference"] = {"passed": False, "line": f"{type(error).__name__}: {error}"[-300:]}
     report["passed"] = all(r["passed"] for r in report["configs"].values()) and all(
         report[part]["passed"] for part in ("token_dropout_step_time", "early_exit_inference"))
     out.parent.mkdir(parents=True, exist_ok=True)
