@@ -326,6 +326,9 @@ def data_name(spec: str) -> str:
 
 # ------------------------------------------------------------------------------------- provenance
 REPOSITORY = Path(__file__).resolve().parent.parent
+#: When this process imported the benchmark plumbing (its start, for every benchmark script): a file
+#: modified after it may not be the code that ran.
+STARTED = time.time()
 
 
 def _git(*args: str) -> str:
@@ -384,9 +387,10 @@ def provenance(scope: Sequence[str] | None = None) -> dict[str, Any]:
     changes, and the content digest of every project file the benchmark imported within ``scope``
     (all of them without one); `staleness` compares the digests."""
     files = imported_code(scope)
+    changed = [name for name in files if (REPOSITORY / name).stat().st_mtime > STARTED]
     return {"commit": _git("rev-parse", "HEAD") or None,
             "dirty": bool(_git("status", "--porcelain", "--", *files)) if files else None,
-            "code": code_digests(files)}
+            "code": code_digests(files), "changed_during_run": changed}
 
 
 def staleness(record: dict[str, Any]) -> str:
@@ -395,6 +399,8 @@ def staleness(record: dict[str, Any]) -> str:
     recorded = record.get("provenance")
     if not recorded or not recorded.get("code"):
         return "measured before provenance was recorded: the code it measured is unknown"
+    if recorded.get("changed_during_run"):
+        return "code changed while it was measured: " + ", ".join(recorded["changed_during_run"])
     now = code_digests(list(recorded["code"]))
     changed = [name for name, digest in recorded["code"].items() if now[name] != digest]
     if not changed:
