@@ -30,6 +30,7 @@ from stacktrain.stack import (
     INFERENCE_FLOPS,
     STACK_ORDER,
     Technique,
+    batch_size_of,
     notify_parameters_replaced,
     run_dir,
     step_generator,
@@ -408,7 +409,7 @@ class PruneRegrow(Technique):
             for name, width in zip(self.group_names, self.history[-1]["widths"]):
                 self.log_metric(pl_module, f"width/{name}", float(width))
             self._pending_widths = False
-        batch_size = _batch_size(batch)
+        batch_size = batch_size_of(batch)
         training = self.compact_flops if self.compacted else self.dense_flops
         self.report_cost(trainer, FLOPS_PER_STEP, unit="FLOP",
                          baseline=TRAIN_FLOPS_PER_FORWARD * self.dense_flops * batch_size,
@@ -517,12 +518,3 @@ def _common_ancestor(names: list[str]) -> str:
         common = common[:-1]
     return ".".join(common)
 
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return 1

@@ -43,6 +43,7 @@ __all__ = [
     "run_dir",
     "unique_path",
     "step_generator",
+    "batch_size_of",
     "FLOPS_PER_STEP",
     "TOKENS_PER_SAMPLE",
     "BYTES_PER_STEP",
@@ -385,3 +386,14 @@ def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> 
     generator = torch.Generator(device=device)
     generator.manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
     return generator
+
+
+def batch_size_of(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (in tuples, lists, dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_size_of(batch[0])
+    if isinstance(batch, dict) and batch:
+        return batch_size_of(next(iter(batch.values())))
+    return 1
