@@ -48,13 +48,18 @@ __all__ = [
     "TOKENS_PER_SAMPLE",
     "BYTES_PER_STEP",
     "INFERENCE_FLOPS",
+    "INFERENCE_FLOPS_AVERAGE",
 ]
 
 # The quantities techniques report. Free-form names work too; these keep the report's rows aligned.
 FLOPS_PER_STEP = "train FLOPs/step"
 TOKENS_PER_SAMPLE = "tokens/sample"
 BYTES_PER_STEP = "communicated bytes/step"
+#: of the network at the end of training (what the user gets); a technique whose network changes
+#: during training reports it with ``replace=True``, and its average over training as
+#: `INFERENCE_FLOPS_AVERAGE`
 INFERENCE_FLOPS = "inference FLOPs/sample"
+INFERENCE_FLOPS_AVERAGE = "inference FLOPs/sample, average over training"
 
 
 @dataclass
