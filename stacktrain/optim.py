@@ -13,6 +13,7 @@ import copy
 import functools
 import inspect
 import math
+import re
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -141,6 +142,31 @@ def weight_decay_groups(model: nn.Module, exclude_norm_and_bias: bool = True) ->
     return groups
 
 
+def _build_optimizer(module: Any, optimizer: Callable[[Iterable[Any]], torch.optim.Optimizer],
+                     params: Iterable[Any]) -> torch.optim.Optimizer:
+    """``optimizer(params)``; torch's own checks of its arguments (``Invalid learning rate: -1``, a
+    negative weight decay or beta) become a `StackError` naming the optimizer and the fix."""
+    try:
+        return optimizer(params)
+    except ValueError as error:
+        cls = _target_class(optimizer)
+        name = cls.__name__ if cls is not None else "optimizer"
+        match = re.search(r"Invalid (\w+)", str(error))
+        key = {"learning": "lr"}.get(match.group(1), match.group(1)) if match else "init_args"
+        raise StackError(f"is refused by {name} ({str(error).rstrip('.')})", source=type(module).__name__,
+                         key=f"model.init_args.optimizer.init_args.{key}", value=_invalid_value(error),
+                         fix="use a learning rate above 0 (e.g. lr: 0.001) and non-negative weight_decay, "
+                             "betas in [0, 1), eps >= 0") from None
+
+
+def _invalid_value(error: ValueError) -> Any:
+    text = str(error).rsplit(":", 1)[-1].strip()
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def configure_optimization(
     module: Any,
     optimizer: Callable[[Iterable[Any]], torch.optim.Optimizer],
@@ -150,7 +176,7 @@ def configure_optimization(
 ) -> Any:
     """What ``configure_optimizers`` returns: the optimizer and, if given, its scheduler stepped every
     ``interval`` ("step" or "epoch") with its length taken from ``module.trainer``."""
-    opt = optimizer(params if params is not None else weight_decay_groups(module))
+    opt = _build_optimizer(module, optimizer, params if params is not None else weight_decay_groups(module))
     if lr_scheduler is None:
         return opt
     trainer = module.trainer

@@ -226,3 +226,25 @@ def test_an_abbreviated_option_is_an_error_not_another_option(tmp_path, capsys):
         main(args_for(tmp_path, "--trainer.max_epoch", "5"))
     assert info.value.code == 2
     assert "unrecognized arguments: --trainer.max_epoch 5" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ 9. one-line errors
+def test_a_negative_learning_rate_is_one_line(tmp_path, capsys):
+    err = refused(capsys, args_for(tmp_path, "--model.optimizer.lr", "-1"))
+    assert err == ("stacktrain: error: ImageClassifier: model.init_args.optimizer.init_args.lr=-1.0 is refused by "
+                   "AdamW (Invalid learning rate: -1.0). Fix: use a learning rate above 0 (e.g. lr: 0.001) and "
+                   "non-negative weight_decay, betas in [0, 1), eps >= 0.")
+
+
+def test_an_image_folder_whose_class_folders_hold_no_image_is_one_line(tmp_path):
+    from stacktrain.datamodules import ImageFolderDataModule
+    from stacktrain.errors import StackError
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("no image here")
+    data = ImageFolderDataModule(root=str(tmp_path), image_size=16)
+    with pytest.raises(StackError) as info:
+        data.setup("fit")
+    assert str(info.value).startswith(f"ImageFolderDataModule: data.init_args.root='{tmp_path}' has class folders "
+                                      "without a single image: cat, dog. Fix: put images")
