@@ -25,8 +25,10 @@ What it adds to Lightning's CLI:
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 # Before torch loads OpenMP: its threads spin while they wait for work, and on a machine where another
@@ -200,8 +202,29 @@ def _stack_error_in(error: BaseException) -> StackError | None:
     return None
 
 
+#: Warnings every run printed that say nothing to its user (deprecations inside torchdata and Lightning).
+_NOISE = (r"'set_vital' is deprecated", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertisements ("💡 Tip: ... try installing litlogger") from the run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_known_noise() -> None:
+    for message in _NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+
+
 def main(args: list[str] | None = None) -> StackCLI:
     """Entry point of ``train.py`` and the ``stacktrain`` command."""
+    quiet_known_noise()
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # the user's own modules, as with `python -m`
     try:
