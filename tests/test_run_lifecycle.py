@@ -248,3 +248,19 @@ def test_an_image_folder_whose_class_folders_hold_no_image_is_one_line(tmp_path)
         data.setup("fit")
     assert str(info.value).startswith(f"ImageFolderDataModule: data.init_args.root='{tmp_path}' has class folders "
                                       "without a single image: cat, dog. Fix: put images")
+
+
+def test_in_a_terminal_the_bar_shows_the_whole_runs_eta_and_no_lines_are_printed(tmp_path, capsys):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from stacktrain.callbacks import ProgressLog
+    from stacktrain.datamodules import DigitsDataModule
+
+    bar, progress = TQDMProgressBar(), ProgressLog(force=False, every_n_steps=1, first_after_seconds=0)
+    module = ImageClassifier("vit_tiny_patch16_224", in_chans=1, model_kwargs=yaml.safe_load(TINY))
+    trainer = Trainer(accelerator="cpu", max_steps=4, logger=False, limit_val_batches=0, enable_model_summary=False,
+                      enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[bar, progress])
+    trainer.fit(module, DigitsDataModule(batch_size=64))
+    metrics = bar.get_metrics(trainer, module)
+    assert re.fullmatch(r"\d+:\d\d:\d\d", metrics["run ETA"]) and metrics["run ETA"] == "0:00:00"  # 4 of 4 done
+    assert progress.lines == [] and "stacktrain: step" not in capsys.readouterr().out
