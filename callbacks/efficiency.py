@@ -145,7 +145,7 @@ class EfficiencyReport(EfficiencySink):
     def markdown(self, trainer: Trainer | None = None) -> str:
         out = ["# stacktrain efficiency report", ""]
         if trainer is not None:
-            guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+            guard = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, NonFiniteGuard)), None)
             skipped = guard.skipped_steps if guard is not None else 0
             applied = f" ({skipped} skipped by NonFiniteGuard: non-finite gradients, not applied)" if skipped else ""
             out.append(

@@ -81,7 +81,7 @@ class RunDirSaveConfig(SaveConfigCallback):
         if exists and not self.overwrite:
             raise StackError(
                 "already exists: this run directory belongs to an earlier run",
-                key="config file", value=path,
+                source="stacktrain", key="config file", value=path,
                 fix="give the logger a new version (or none), or move the earlier run away",
             )
         if trainer.is_global_zero:
