@@ -57,7 +57,7 @@ class ProgressLog(Callback):
         force: print lines even in a terminal (``None``: only when stdout is not a terminal).
     """
 
-    def __init__(self, every_n_seconds: float = 30.0, every_n_steps: int = 0, first_after_seconds: float = 3.0,
+    def __init__(self, every_n_seconds: float = 30.0, every_n_steps: int = 0, first_after_seconds: float = 1.0,
                  force: bool | None = None) -> None:
         source = type(self).__name__
         require_number(every_n_seconds, "every_n_seconds", source=source, low=0)

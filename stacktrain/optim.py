@@ -94,8 +94,8 @@ def replan_schedulers(trainer: Any) -> list[str]:
             continue
         name, length, state = plan
         loaded = getattr(scheduler, name, length)
-        if loaded == length:
-            continue
+        if loaded == length or scheduler.last_epoch >= length:
+            continue  # the same plan, or a checkpoint already past this run's end (Lightning stops at once)
         if type(scheduler) not in _REPLANNABLE:
             raise StackError(
                 f"was planned for {loaded} {config.interval}s by the checkpoint and cannot be re-planned for "
