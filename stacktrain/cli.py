@@ -43,6 +43,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from stacktrain.callbacks.nonfinite_guard import NonFiniteGuard
 from stacktrain.callbacks.progress import ProgressLog
+from stacktrain.callbacks.prune_regrow import PruneRegrow
 from stacktrain.callbacks.run_guard import RunGuard
 from stacktrain.errors import StackError
 from stacktrain.loggers import start_loggers
@@ -139,7 +140,7 @@ class StackCLI(LightningCLI):
         if not getattr(self, "_checkpoint", None):
             return
         (path, checkpoint), self._checkpoint = self._checkpoint, None
-        compaction = any(type(c).__name__ == "PruneRegrow" for c in self.trainer.callbacks)
+        compaction = any(isinstance(c, PruneRegrow) for c in self.trainer.callbacks)
         check_checkpoint_matches(path, checkpoint, None, self.model.state_dict(), compaction_handled=compaction)
 
     before_fit = before_validate = before_test = before_predict = _check_checkpoint_weights
