@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import CONFIGS, TINY_VIT  # noqa: E402
 from ddp_harness import drive, technique_states  # noqa: E402
-from resume_harness import StopAt  # noqa: E402
+from resume_harness import SignalAt, StopAt  # noqa: E402
 from stack_matrix_driver import cnn_classifier, cnn_early_exit, digest, digits, prompt_tuned, shapes  # noqa: E402
 from stacktrain.callbacks import ExactResume, GradientQuantization, PruneRegrow, RunGuard, TokenDropout  # noqa: E402
 from stacktrain.cli import StackCLI  # noqa: E402
@@ -61,6 +61,8 @@ class Scenario:
     #: the stopped run is planned for ``stop_at`` steps and resumed for ``total`` (extending a run): the
     #: resumed run is compared with one planned for ``total`` where the schedules must agree, not bitwise
     extend: bool = False
+    #: the run is stopped by SIGTERM on every rank after ``stop_at`` (`RunGuard` writes the checkpoint)
+    sigterm: bool = False
 
 
 # --------------------------------------------------------------------------- techniques alone (Python)
@@ -144,6 +146,8 @@ SCENARIOS: dict[str, Scenario] = {
     "ExtendedRun": Scenario(4, 2, python_run(
         simclr_one_cycle, two_views_two_workers,
         lambda: [TokenDropout(keep_ratio=0.5, schedule="step", until=0.5), RunGuard()]), extend=True),
+    # stopped by SIGTERM after step 3: the checkpoint RunGuard writes resumes exactly on both ranks
+    "SIGTERM": Scenario(6, 3, python_run(vit_with_dropout, digits, lambda: [RunGuard()]), sigterm=True),
     "stack_vit": Scenario(6, 3, config_run("stack_vit", None, "--trainer.limit_val_batches", "0")),
     # exploration updates at steps 0 and 2, compaction at 4 (after the resume)
     "stack_cnn": Scenario(8, 3, config_run("stack_cnn", explore_every_two_steps, "--trainer.limit_val_batches", "0")),
@@ -178,9 +182,17 @@ def run_scenario(name: str, clip: str, workdir: Path) -> dict[str, Any]:
 
     checkpoints = workdir / "stopped"
     module, data, trainer = scenario.build(clip, scenario.stop_at if scenario.extend else scenario.total, workdir, 0)
-    trainer.callbacks.extend([ModelCheckpoint(dirpath=str(checkpoints), every_n_train_steps=scenario.stop_at,
-                                              save_top_k=-1), StopAt(scenario.stop_at)])
-    trainer.fit(module, data)
+    if scenario.sigterm:
+        trainer.callbacks.append(SignalAt(scenario.stop_at))
+        try:
+            trainer.fit(module, data)
+        except SystemExit:  # Lightning's SIGTERMException
+            pass
+        checkpoints = workdir / "checkpoints"  # RunGuard's: <run dir>/checkpoints without a ModelCheckpoint
+    else:
+        trainer.callbacks.extend([ModelCheckpoint(dirpath=str(checkpoints), every_n_train_steps=scenario.stop_at,
+                                                  save_top_k=-1), StopAt(scenario.stop_at)])
+        trainer.fit(module, data)
     stopped_at = trainer.global_step
     (checkpoint,) = glob.glob(str(checkpoints / f"*step={scenario.stop_at}*.ckpt"))
 

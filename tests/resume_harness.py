@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,19 @@ class StopAt(Callback):
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class SignalAt(Callback):
+    """Sends ``signal_name`` to this process after optimizer step ``step``, as a scheduler's SIGTERM
+    or a Ctrl-C would arrive (under DDP on every rank, as SLURM and torchrun deliver it)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
+        self.step = step
+        self.signal_name = signal_name
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
 def stop_and_resume(

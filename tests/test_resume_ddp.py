@@ -26,6 +26,7 @@ SAVED = {
     "PromptTunedCLIP": set(),  # a module: the prompt and the selected samples are in its own checkpoint keys
     "MultiViewWorkers": {"TokenDropout"},
     "ExtendedRun": {"TokenDropout"},
+    "SIGTERM": set(),
     "stack_vit": {"TokenDropout", "GradientQuantization"},
     "stack_cnn": {"PruneRegrow", "GradientQuantization"},
     "stack_clip": {"TokenDropout"},

@@ -18,6 +18,7 @@ from lightning.pytorch import Callback, Trainer
 
 from conftest import CONFIGS
 from ddp_harness import assert_states_equal
+from resume_harness import SignalAt  # noqa: F401 - by class path in the runs below
 from stacktrain.cli import main
 from stacktrain.lightning_modules import ImageClassifier
 
@@ -150,25 +151,13 @@ def test_an_unwritable_output_path_is_refused_before_the_first_batch(tmp_path, c
 
 
 # ------------------------------------------------------------------------------ 5. and 6. signals, progress
-class SignalAt(Callback):
-    """Sends ``signal_name`` to this process after optimizer step ``step`` (a scheduler's SIGTERM, a Ctrl-C)."""
-
-    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
-        self.step = step
-        self.signal_name = signal_name
-
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), getattr(signal, self.signal_name))
-
-
 def test_sigterm_writes_a_checkpoint_exits_143_and_the_run_resumes_from_it(tmp_path, capsys):
     """Output to a file (captured: not a terminal): a progress line with the whole run's ETA from the
     second step on; SIGTERM after step 3 of 8: a checkpoint, exit status 143 (it was 0); resumed, the
     run finishes its 8 steps with the weights of a run that was never stopped."""
     progress = ["--trainer.callbacks+", "stacktrain.callbacks.ProgressLog", "--trainer.callbacks.every_n_steps", "2",
                 "--trainer.callbacks.first_after_seconds", "0"]
-    stop = ["--trainer.callbacks+", "test_run_lifecycle.SignalAt", "--trainer.callbacks.step", "3"]
+    stop = ["--trainer.callbacks+", "resume_harness.SignalAt", "--trainer.callbacks.step", "3"]
     with pytest.raises(SystemExit) as info:
         main(args_for(tmp_path, *progress, *stop, epochs=2))
     assert info.value.code == 143
@@ -186,7 +175,7 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_the_run_resumes_from_it(tmp_p
 
 
 def test_ctrl_c_exits_130(tmp_path):
-    stop = ["--trainer.callbacks+", "test_run_lifecycle.SignalAt", "--trainer.callbacks.step", "2",
+    stop = ["--trainer.callbacks+", "resume_harness.SignalAt", "--trainer.callbacks.step", "2",
             "--trainer.callbacks.signal_name", "SIGINT"]
     handler = signal.getsignal(signal.SIGINT)
     try:
