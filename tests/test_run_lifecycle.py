@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 
 from conftest import CONFIGS
 from ddp_harness import assert_states_equal
-from resume_harness import SignalAt  # noqa: F401 - by class path in the runs below
+
 from stacktrain.cli import main
 from stacktrain.lightning_modules import ImageClassifier
 
