@@ -1,4 +1,5 @@
-"""BoostNet vs independent exit heads, in one process, on the digits (CIFAR-100 with --cifar100 PATH).
+"""BoostNet vs independent exit heads, in one process, on ``--data`` (the digits by default; the cluttered
+digits, or a local CIFAR-100 / ImageFolder root).
 
 For every seed, both training modes train the same backbone for the same epochs; then:
   * anytime accuracy of every exit on the test set,
@@ -7,7 +8,7 @@ For every seed, both training modes train the same backbone for the same epochs;
   * the wall time of real early-exit inference at a 50% FLOPs budget against the full network
     (every stage and the last head), whole passes over the test set, alternating, median of repeats.
 
-    python benchmarks/early_exit.py [--backbone resnet18|vit|<timm name>] [--seeds 0 1 2] [--epochs 8] [--small]
+    python benchmarks/early_exit.py [--backbone resnet18|vit|<timm name>] [--seeds 0 1 2] [--epochs 8] [--data D] [--small]
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import parser, publish, table  # noqa: E402
-from stacktrain.datamodules import DigitsDataModule, ImageFolderDataModule  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_data_argument, classification_data, compare, data_name, interval_text, meets_goal, paired, parser, publish,
+    table, task_headroom, verdict,
+)
 from stacktrain.lightning_modules import BoostedEarlyExit  # noqa: E402
 
 BUDGETS = (0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)
@@ -34,25 +38,26 @@ SMALL_VIT = ("vit_tiny_patch16_224", dict(patch_size=4, embed_dim=96, depth=8, n
 
 
 def make_data(args):
-    if args.cifar100:
-        return ImageFolderDataModule(args.cifar100, dataset="cifar100", batch_size=64, num_workers=2)
-    return DigitsDataModule(image_size=args.image_size, channels=1, batch_size=64)
+    """``--data``; a local data set (CIFAR-100, an ImageFolder) is RGB at ``--image-size``."""
+    local = args.data not in ("digits", "cluttered")
+    return classification_data(args.data, batch_size=64, image_size=args.image_size, channels=3 if local else 1,
+                               small=args.small, num_workers=2 if local else 0)
 
 
 def train(args, mode: str, seed: int):
     seed_everything(seed)
-    in_chans = 3 if args.cifar100 else 1
+    data = make_data(args)
+    data.setup("fit")
     backbone, backbone_kwargs = args.backbone, None
     if backbone == "vit":
-        backbone, backbone_kwargs = SMALL_VIT[0], dict(SMALL_VIT[1], img_size=32 if args.cifar100 else args.image_size)
+        backbone, backbone_kwargs = SMALL_VIT[0], dict(SMALL_VIT[1], img_size=args.image_size)
     module = BoostedEarlyExit(
-        backbone, in_chans=in_chans, backbone_kwargs=backbone_kwargs, num_classes=100 if args.cifar100 else 10, training=mode,
+        backbone, in_chans=data.channels, backbone_kwargs=backbone_kwargs, num_classes=data.num_classes, training=mode,
         budgets=BUDGETS, predict_budget=0.5,
         optimizer=lambda params: torch.optim.AdamW(params, lr=2e-3, weight_decay=0.05),
         # the trainer fills in total_steps (stacktrain.optim.build_scheduler)
         lr_scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=2e-3, pct_start=0.15),
     )
-    data = make_data(args)
     trainer = Trainer(
         accelerator="cpu", max_epochs=args.epochs, max_steps=args.steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.root,
@@ -78,7 +83,7 @@ def time_inference(module: BoostedEarlyExit, data, repeats: int) -> dict:
 
     def early():
         for images in batches:
-            _, exits, _ = module.network.early_exit(images, thresholds, module.mode, module.weights)
+            _, exits, _ = module.network.early_exit(images, thresholds, module.mode, module.weights, module.form)
             exits_seen.append(exits)
 
     with torch.no_grad():
@@ -125,6 +130,32 @@ def report(payload: dict) -> str:
     ])
 
 
+def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
+    """Issue 20's claims: boost beats independent exits over the budgets (paired seeds, a task with
+    headroom), and real early exit at 50% of the FLOPs saves wall time."""
+    per_seed = payload["per_seed"]
+    data = payload.get("data_spec", "digits")  # JSONs before --data: the digits
+    last = max(int(key.rsplit("exit", 1)[1]) for key in per_seed["boost"][0] if key.startswith("test/acc_exit"))
+    room = task_headroom([r[f"test/acc_exit{last}"] for r in per_seed["independent"]], data)
+    budget_keys = [key for key in per_seed["boost"][0] if key.startswith("test/acc_budget_")]
+
+    def over_budgets(mode: str) -> list[float]:
+        return [statistics.fmean(run[key] for key in budget_keys) for run in per_seed[mode]]
+
+    stats = paired(over_budgets("independent"), over_budgets("boost"))
+    kind = "ViT" if payload["backbone"] == "vit" or "vit" in payload["backbone"] else "CNN"
+    rows = [verdict(f"{kind}: boosted exits beat independent exits on the mean over budgets",
+                    compare(stats, "beats", 0.0, room["ok"]), "boost - independent: " + interval_text(stats),
+                    reason=room["reason"], paper="MSDNet CIFAR-100: budgeted plateau 75.8 against 74.9")]
+    timing = payload.get("inference_at_50pct")
+    if timing:
+        goal = 0.55 if kind == "ViT" else 0.65
+        rows.append(verdict(f"{kind}: real early exit at 50% FLOPs takes at most {goal}x the full network's wall time",
+                            meets_goal(timing["wall_ratio"], goal), f"{timing['wall_ratio']:.3f}x (FLOPs "
+                            f"{timing['flops_ratio']:.3f}x, CPU)"))
+    return rows
+
+
 def main(argv=None) -> dict:
     arguments = parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--backbone", default="resnet18",
@@ -133,7 +164,7 @@ def main(argv=None) -> dict:
     arguments.add_argument("--epochs", type=int, default=8)
     arguments.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     arguments.add_argument("--repeats", type=int, default=15)
-    arguments.add_argument("--cifar100", default=None, help="folder holding cifar-100-python/ (optional)")
+    add_data_argument(arguments, default="digits")
     arguments.add_argument("--root", default="runs/bench_early_exit")
     arguments.add_argument("--threads", type=int, default=1,
                            help="torch threads (default 1: steadier ratios on a machine shared with other jobs)")
@@ -174,7 +205,7 @@ def main(argv=None) -> dict:
         "mean_over_budgets": statistics.mean(curve["boost"][k]["acc"] - curve["independent"][k]["acc"] for k in curve["boost"]),
         "min_over_budgets": min(curve["boost"][k]["acc"] - curve["independent"][k]["acc"] for k in curve["boost"]),
     }
-    payload = {"backbone": args.backbone, "data": "CIFAR-100" if args.cifar100 else f"the digits ({args.image_size} px)",
+    payload = {"backbone": args.backbone, "data": f"{data_name(args.data)} ({args.image_size} px)", "data_spec": args.data,
                "seeds": args.seeds, "epochs": args.epochs, "repeats": args.repeats, "anytime": anytime,
                "budgeted": curve, "boost_minus_independent": deltas, "inference_at_50pct": timing,
                "per_seed": per_seed}

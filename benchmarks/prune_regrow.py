@@ -17,7 +17,8 @@ counted from the masks); whole-training wall and process-CPU time; mean step tim
 layout and in channels-last).
 
     python benchmarks/prune_regrow.py                      # digits (embedded), ResNet-18 at 16 px
-    python benchmarks/prune_regrow.py --cifar10 /data/cifar10 --image-size 32 --epochs 30
+    python benchmarks/prune_regrow.py --data cluttered --image-size 32   # the harder embedded task
+    python benchmarks/prune_regrow.py --data /data/cifar10 --image-size 32 --epochs 30
     python benchmarks/prune_regrow.py --small              # seconds: a smoke test
 """
 
@@ -37,7 +38,10 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import parser, publish, table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_data_argument, classification_data, compare, data_name, interval_text, meets_goal, paired, parser, publish,
+    table, task_headroom, verdict,
+)
 from stacktrain.callbacks import PruneRegrow  # noqa: E402
 from stacktrain.functional.flops import forward_flops  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
@@ -72,20 +76,18 @@ class StepTimer(Callback):
 
 
 def make_data(args: Any, seed: int):
-    if args.cifar10:
-        from stacktrain.datamodules import ImageFolderDataModule
-
-        return ImageFolderDataModule(args.cifar10, dataset="cifar10", image_size=args.image_size, channels=3,
-                                     batch_size=args.batch_size, num_workers=2, seed=seed)
-    from stacktrain.datamodules import DigitsDataModule
-
-    return DigitsDataModule(image_size=args.image_size, batch_size=args.batch_size, seed=0)
+    """``--data``: the embedded tasks keep one training order for every seed (seed 0), as before;
+    a local data set (CIFAR-10, an ImageFolder) is RGB and shuffled by the run's seed."""
+    local = args.data not in ("digits", "cluttered")
+    return classification_data(args.data, batch_size=args.batch_size, image_size=args.image_size,
+                               channels=3 if local else 1, seed=seed if local else 0, small=args.small,
+                               num_workers=2 if local else 0)
 
 
 def train(args: Any, seed: int, prune: dict[str, Any] | None) -> dict[str, Any]:
     seed_everything(seed)
     data = make_data(args, seed)
-    channels = 3 if args.cifar10 else 1
+    channels = data.channels
     module = ImageClassifier(
         args.model, num_classes=10, in_chans=channels,
         optimizer=partial(torch.optim.AdamW, lr=args.lr, weight_decay=0.05),
@@ -143,7 +145,8 @@ def report(payload: dict[str, Any]) -> str:
     """The Markdown report of a payload of ``main`` (also a JSON it wrote): the setting and one table
     (accuracy, FLOPs, training and inference time of every variant)."""
     settings = payload["settings"]
-    data = f"CIFAR-10 at {settings['cifar10']}" if settings.get("cifar10") else "digits"
+    data = (f"CIFAR-10 at {settings['cifar10']}" if settings.get("cifar10")  # JSONs written before --data
+            else data_name(settings.get("data", "digits")))
     columns = ["acc_mean", "acc_min", "acc_delta", "flops_ratio", "mask_flops_ratio", "fit_wall_s", "fit_cpu_s",
                "after_step_ms", "after_step_ratio_vs_masked", "infer_ms", "infer_ratio", "infer_cl_ratio"]
     return "\n".join([
@@ -154,6 +157,43 @@ def report(payload: dict[str, Any]) -> str:
         f"{settings['infer_batch']}, infer_cl_ratio in channels-last.",
         "", table(payload["results"], columns),
     ])
+
+
+def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
+    """Issue 18's claims: accuracy at equal FLOPs (paired seeds, on a task with headroom), the compact
+    network's inference time and the cost of the whole fit."""
+    settings, results = payload["settings"], payload["results"]
+    data = "cifar10" if settings.get("cifar10") else settings.get("data", "digits")
+    dense = results["dense"]["accs"]
+    room = task_headroom(dense, data)
+    rows = []
+    for ratio, tolerance in ((0.5, 0.005), (0.25, 0.015)):
+        chex = results.get(f"chex@{ratio}")
+        if chex is None or len(chex["accs"]) != len(dense):
+            continue
+        stats = paired(dense, chex["accs"])
+        rows.append(verdict(f"CHEX at {ratio} FLOPs within {100 * tolerance:g} points of dense",
+                            compare(stats, "not_worse", tolerance, room["ok"]), "CHEX - dense: " + interval_text(stats),
+                            reason=room["reason"], paper="ResNet-50 ImageNet: 78.0 at 3G, 76.0 at 1G FLOPs"))
+        prune = results.get(f"prune_only@{ratio}")
+        if prune is not None and len(prune["accs"]) == len(chex["accs"]):
+            stats = paired(prune["accs"], chex["accs"])
+            uniform = payload.get("prune_only") != "gradual"  # JSONs before issue 18: a uniform thin network
+            reason = room["reason"] + ("; this prune_only is a uniform thin network, not the paper's gradual "
+                                       "prune-only ablation" if uniform else "")
+            rows.append(verdict(f"CHEX beats pruning-only at {ratio} FLOPs", compare(stats, "beats", 0.0, room["ok"]),
+                                "CHEX - prune-only: " + interval_text(stats), reason=reason.strip("; "),
+                                paper="CHEX ablation: regrowing beats prune-only"))
+    half = results.get("chex@0.5")
+    if half is not None and "infer_ratio" in half:
+        rows.append(verdict("The compact network at 0.5 FLOPs infers in at most 0.6x dense time (channels-last)",
+                            meets_goal(half["infer_cl_ratio"], 0.6), f"{half['infer_cl_ratio']:.3f}x (contiguous "
+                            f"{half['infer_ratio']:.3f}x), batch {settings['infer_batch']}"))
+        fit = half["fit_cpu_s"] / results["dense"]["fit_cpu_s"]
+        rows.append(verdict("PruneRegrow's whole fit at 0.5 FLOPs costs at most 1.0x dense CPU time",
+                            meets_goal(fit, 1.0), f"{fit:.2f}x ({half['fit_cpu_s']:.0f} s against "
+                            f"{results['dense']['fit_cpu_s']:.0f} s)", paper="CHEX: cheaper than dense pretrain + prune"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -170,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            help="round the allocated widths to a multiple of this (PruneRegrow channel_multiple; 1: off)")
     arguments.add_argument("--infer-batch", type=int, default=256)
     arguments.add_argument("--infer-repeats", type=int, default=30)
-    arguments.add_argument("--cifar10", default=None, help="a local CIFAR-10 folder (torchvision layout)")
+    add_data_argument(arguments, default="digits")
     arguments.add_argument("--limit-batches", type=int, default=0, help="batches per epoch (0: all)")
     args = arguments.parse_args(argv)
     if args.small:
@@ -193,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"fit {run['fit_wall_s']:.1f}s wall / {run['fit_cpu_s']:.1f}s CPU", flush=True)
             runs[name].append(run)
     dense_flops = runs["dense"][0]["flops"]
-    channels = 3 if args.cifar10 else 1
+    channels = 1 if args.data in ("digits", "cluttered") else 3
     example = torch.randn(args.infer_batch, channels, args.image_size, args.image_size)
     networks = {"dense": runs["dense"][0]["network"]}
     networks.update({f"chex@{r}": runs[f"chex@{r}"][0]["network"] for r in TARGETS})

@@ -32,10 +32,15 @@ HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import machine, machine_line  # noqa: E402
+from benchmarks.common import VERDICTS, machine, machine_line, staleness  # noqa: E402
 
-#: Every benchmark script, in the order they appear in RESULTS.md (the no-op attach cost first).
-BENCHMARKS = ["stack_overhead", "token_dropout", "prune_regrow", "grad_quant", "early_exit", "prompt_tuning"]
+#: Every benchmark script, in the order they appear in RESULTS.md (the tasks' calibration, then the no-op
+#: attach cost first).
+BENCHMARKS = ["calibration", "stack_overhead", "token_dropout", "prune_regrow", "grad_quant", "early_exit",
+              "prompt_tuning"]
+#: Claims no benchmark measures yet; listed under the verdict table so that their absence is visible.
+NOT_MEASURED = ["The stack's combined saving (several techniques in one run against the plain run): no benchmark "
+                "measures it yet."]
 SMALL_SUFFIX = "-small"
 #: What run_all itself writes next to the benchmarks' JSONs (not a benchmark result).
 RUN_LOG = "run_all.json"
@@ -87,19 +92,51 @@ def _benchmark_of(path: Path) -> str:
         return ""
 
 
+def _load(path: Path) -> tuple[dict[str, Any], Any]:
+    """A benchmark JSON and the module of the benchmark that wrote it."""
+    payload = json.loads(path.read_text())
+    name = payload["benchmark"]
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
+    return payload, importlib.import_module(f"benchmarks.{name}")
+
+
 def render(path: Path, level: str = "###") -> tuple[list[str], bool]:
-    """The Markdown section of one JSON: heading (file name), machine line, the benchmark's report.
-    Returns the lines and whether it rendered (a JSON that cannot be read or rendered says why)."""
+    """The Markdown section of one JSON: heading (file name), machine line, whether it is stale, the
+    benchmark's report. Returns the lines and whether it rendered (a JSON that cannot be read or
+    rendered says why)."""
     lines = [f"{level} {path.name}", ""]
     try:
-        payload = json.loads(path.read_text())
-        name = payload["benchmark"]
-        if name not in BENCHMARKS:
-            raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
-        report = importlib.import_module(f"benchmarks.{name}").report(payload)
+        payload, module = _load(path)
+        report = module.report(payload)
     except Exception as error:  # noqa: BLE001 - one unreadable JSON must not hide the others
         return lines + [f"Could not render `{_shown_path(path)}`: {type(error).__name__}: {error}", ""], False
-    return lines + [f"Benchmark `{name}`. {machine_line(payload['machine'])}", "", report.strip(), ""], True
+    stale = staleness(payload)
+    lines += [f"Benchmark `{payload['benchmark']}`. {machine_line(payload['machine'])}", ""]
+    if stale:
+        lines += [f"**Stale**: {stale}. Rerun `python benchmarks/{payload['benchmark']}.py` for figures of this code.", ""]
+    return lines + [report.strip(), ""], True
+
+
+def verdict_table(json_paths: list[Path]) -> list[str]:
+    """RESULTS.md's first section: every claim of every measured JSON with its verdict, figure and source
+    (a stale JSON says so beside its verdict)."""
+    lines = ["| claim | verdict | figure | paper | why not shown / note | from |", "|---|---|---|---|---|---|"]
+    for path in json_paths:
+        try:
+            payload, module = _load(path)
+            rows = module.verdicts(payload) if hasattr(module, "verdicts") else []
+        except Exception as error:  # noqa: BLE001 - shown in its own section too
+            lines.append(f"| (could not read) | | | | {type(error).__name__}: {error} | `{path.name}` |")
+            continue
+        stale = staleness(payload)
+        for row in rows:
+            assert row["verdict"] in VERDICTS, row
+            note = "; ".join(part for part in (row["reason"], f"stale: {stale}" if stale else "") if part)
+            cells = [row["claim"], f"**{row['verdict']}**", row["figure"], row["paper"], note, f"`{path.name}`"]
+            lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+    lines += ["", *(f"Not measured: {item}" for item in NOT_MEASURED), ""]
+    return lines
 
 
 def write_results(path: Path, results_dir: Path, mode: str, entries: list[dict[str, Any]]) -> bool:
@@ -122,6 +159,13 @@ def write_results(path: Path, results_dir: Path, mode: str, entries: list[dict[s
     measured = result_files(results_dir, small=False)
     if not measured:
         lines += ["No measurement JSON in `benchmarks/results/`: run `python benchmarks/run_all.py`.", ""]
+    else:
+        lines[lines.index("## Measured"):lines.index("## Measured")] = [
+            "## Verdicts", "",
+            "One row per claim, under the protocol of BENCHMARKS.md: `holds` / `fails` only where the task has "
+            "headroom and the paired interval decides; otherwise `not shown (no headroom)` or `not shown (within "
+            "noise)`, with the reason. A figure whose JSON was measured on other code than the current one is "
+            "marked stale.", "", *verdict_table(measured)]
     every_rendered = _render_into(lines, measured)
     if mode == "measure":
         lines += ["## This run", "", "Measurement mode; its JSONs are rendered above.", ""]

@@ -1,7 +1,8 @@
 """Per-step cost of stacktrain's machinery when it saves nothing (DESIGN.md contract point 6:
 attaching a technique with a no-op setting must cost under 2% step time).
 
-Variants, each a whole training run of the quickstart ViT on the digits in this process:
+Variants, each a whole training run of the quickstart ViT on ``--data`` (the digits by default) in this
+process:
   baseline        plain Lightning Trainer
   report          + EfficiencyReport (times every step)
   noop_technique  + a Technique that changes nothing but goes through the whole contract (stack
@@ -28,9 +29,10 @@ from lightning.pytorch import Callback, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import add_ratios, parser, publish, table, time_variants  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_data_argument, add_ratios, classification_data, meets_goal, parser, publish, table, time_variants, verdict,
+)
 from stacktrain.callbacks import EfficiencyReport  # noqa: E402
-from stacktrain.datamodules import DigitsDataModule  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
 from stacktrain.stack import FLOPS_PER_STEP, Technique  # noqa: E402
 
@@ -90,10 +92,12 @@ class LoopTimer(Callback):
         self.in_hooks = self.hooks.seconds - self.start[2]
 
 
-def make_run(steps: int, callbacks_factory, shares: list[float]):
+def make_run(steps: int, callbacks_factory, shares: list[float], data: str = "digits"):
     def run():
         torch.manual_seed(0)
-        model = ImageClassifier("vit_tiny_patch16_224", in_chans=1, model_kwargs=QUICKSTART_VIT)
+        datamodule = classification_data(data, batch_size=64, image_size=QUICKSTART_VIT["img_size"],
+                                         channels=1 if data in ("digits", "cluttered") else 3)
+        model = ImageClassifier("vit_tiny_patch16_224", in_chans=datamodule.channels, model_kwargs=QUICKSTART_VIT)
         hooks = HookTimer()
         timer = LoopTimer(hooks)
         trainer = Trainer(
@@ -101,7 +105,7 @@ def make_run(steps: int, callbacks_factory, shares: list[float]):
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             callbacks=[timer, *(hooks.wrap(c) for c in callbacks_factory())],
         )
-        trainer.fit(model, DigitsDataModule(batch_size=64))
+        trainer.fit(model, datamodule)
         shares.append(timer.in_hooks / timer.wall)
         return {"wall_s": timer.wall, "cpu_s": timer.cpu}
     return run
@@ -123,10 +127,18 @@ def report(payload: dict[str, Any]) -> str:
     ])
 
 
+def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
+    timings = payload["results"]
+    worst = max(timings["noop_technique"]["in_hooks_pct"], timings["report"]["in_hooks_pct"])
+    return [verdict("A technique attached with a no-op setting costs under 2% of the step (time in its hooks)",
+                    meets_goal(worst, 2.0), f"{worst:.3f}% of the training loop", paper="DESIGN.md, contract point 6")]
+
+
 def main(argv=None) -> dict:
     arguments = parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--steps", type=int, default=300)
     arguments.add_argument("--repeats", type=int, default=5)
+    add_data_argument(arguments, default="digits")
     args = arguments.parse_args(argv)
     steps, repeats = (10, 1) if args.small else (args.steps, args.repeats)
     scratch = tempfile.mkdtemp(prefix="stacktrain-bench-")
@@ -136,7 +148,7 @@ def main(argv=None) -> dict:
         "noop_technique": lambda: [NoOpTechnique(), EfficiencyReport(dirpath=scratch)],
     }
     shares: dict[str, list[float]] = {name: [] for name in factories}
-    timings = time_variants({name: make_run(steps, f, shares[name]) for name, f in factories.items()}, repeats)
+    timings = time_variants({name: make_run(steps, f, shares[name], args.data) for name, f in factories.items()}, repeats)
     add_ratios(timings, "baseline")
     for name, row in timings.items():
         row["in_hooks_pct"] = 100 * max(shares[name])

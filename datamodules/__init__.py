@@ -23,3 +23,6 @@ __all__ += ["SHAPES", "ShapesDataModule", "ShapesTextDataModule"]
 from .image_text import ImageTextWebDataModule
 
 __all__ += ["ImageTextWebDataModule"]
+from .cluttered import ClutteredDigitsDataModule
+
+__all__ += ["ClutteredDigitsDataModule"]

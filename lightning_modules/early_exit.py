@@ -15,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from stacktrain.errors import StackError, require_choice, require_number
 from stacktrain.functional.boosting import (
+    DEFAULT_WEIGHT,
+    FORMS,
     anytime_accuracy,
     budgeted_accuracy,
     confidences,
@@ -52,7 +54,8 @@ class BoostedEarlyExit(LightningModule):
     ViT ``blocks.N``; by name or index; default four spread over the backbone, the last at its end).
     With ``training="boost"`` (BoostNet) exit ``s`` predicts with the ensemble of heads ``1..s`` and
     its head learns the residual of the detached earlier ensemble; ``"independent"`` trains every head
-    on its own (the classic baseline). See `stacktrain.functional.boosting`.
+    on its own (the classic baseline). The ensemble has the reference code's form by default
+    (``G_s = f_s + w G_{s-1}``, ``w = 0.5``); see `stacktrain.functional.boosting`.
 
     Validation logs every exit's accuracy (``val/acc_exit{k}``), the ensemble's (``val/acc_ensemble``)
     and fits one early-exit policy (confidence thresholds) per budget on the validation predictions;
@@ -69,7 +72,9 @@ class BoostedEarlyExit(LightningModule):
         backbone_kwargs: keyword arguments for ``timm.create_model`` (e.g. a ViT's img_size, depth).
         pretrained: local weights file for the backbone (timm's mechanism).
         training: "boost" (BoostNet) or "independent".
-        ensemble_weight: BoostNet's ensemble reweighting ``w`` in ``F_s = w (f_s + F_{s-1})``.
+        ensemble: "reference" (``G_s = f_s + w G_{s-1}``, as SHI-Labs/Boosted-Dynamic-Networks) or
+            "scaled" (``F_s = w (f_s + F_{s-1})``, stacktrain's first form).
+        ensemble_weight: the ensemble's ``w`` (default 0.5 for "reference", 1.0 for "scaled").
         rescale_gradients: per-exit gradient equilibrium on the backbone.
         head_hidden: channels of the conv layer of intermediate CNN heads (0: linear heads).
         budgets: mean FLOPs per sample as fractions of the full network's (every stage and the last
@@ -87,7 +92,8 @@ class BoostedEarlyExit(LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         pretrained: str | None = None,
         training: Literal["boost", "independent"] = "boost",
-        ensemble_weight: float = 1.0,
+        ensemble: Literal["reference", "scaled"] = "reference",
+        ensemble_weight: float | None = None,
         rescale_gradients: bool = True,
         head_hidden: int = 128,
         budgets: Sequence[float] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0),
@@ -102,7 +108,10 @@ class BoostedEarlyExit(LightningModule):
         source = type(self).__name__
         require_choice(training, "model.init_args.training", ["boost", "independent"], source=source)
         require_number(num_classes, "model.init_args.num_classes", source=source, low=2, integer=True)
-        require_number(ensemble_weight, "model.init_args.ensemble_weight", source=source, low=0.0, low_inclusive=False)
+        require_choice(ensemble, "model.init_args.ensemble", list(FORMS), source=source)
+        if ensemble_weight is not None:
+            require_number(ensemble_weight, "model.init_args.ensemble_weight", source=source, low=0.0,
+                           low_inclusive=False)
         require_number(head_hidden, "model.init_args.head_hidden", source=source, low=0, integer=True)
         if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence) or len(budgets) == 0:
             raise StackError("must be a non-empty list of FLOPs fractions", source=source,
@@ -119,7 +128,9 @@ class BoostedEarlyExit(LightningModule):
         self.num_exits = self.network.num_exits
         self.exit_names = staged.exit_names
         self.mode = training
-        self.weights = [float(ensemble_weight)] * self.num_exits
+        self.form = ensemble
+        weight = DEFAULT_WEIGHT[ensemble] if ensemble_weight is None else float(ensemble_weight)
+        self.weights = [weight] * self.num_exits
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
@@ -189,11 +200,11 @@ class BoostedEarlyExit(LightningModule):
         return self.network(images)
 
     def predictions(self, head_logits: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return ensemble_predictions(head_logits, self.mode, self.weights)
+        return ensemble_predictions(head_logits, self.mode, self.weights, self.form)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        losses = exit_losses(self(images), labels, self.mode, self.weights, self.hparams.label_smoothing)
+        losses = exit_losses(self(images), labels, self.mode, self.weights, self.hparams.label_smoothing, self.form)
         loss = torch.stack(losses).sum()
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         for index, exit_loss in enumerate(losses):
@@ -219,7 +230,7 @@ class BoostedEarlyExit(LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         head_logits, labels = self._collect(batch)
-        losses = exit_losses(head_logits, labels, self.mode, self.weights)
+        losses = exit_losses(head_logits, labels, self.mode, self.weights, form=self.form)
         self.log("val/loss", torch.stack(losses).sum(), on_epoch=True, sync_dist=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
@@ -327,14 +338,14 @@ class BoostedEarlyExit(LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         thresholds = self.policy(self.hparams.predict_budget).to(images.device)
-        predictions, exits, confidence = self.network.early_exit(images, thresholds, self.mode, self.weights)
+        predictions, exits, confidence = self.network.early_exit(images, thresholds, self.mode, self.weights, self.form)
         return {"preds": predictions, "exits": exits, "confidence": confidence,
                 "flops": self.exit_costs.to(images.device)[exits]}
 
     def early_exit(self, images: torch.Tensor, budget: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(predictions, exit index)`` of the real early-exit loop at ``budget`` (default predict_budget)."""
         thresholds = self.policy(self.hparams.predict_budget if budget is None else budget).to(images.device)
-        predictions, exits, _ = self.network.early_exit(images, thresholds, self.mode, self.weights)
+        predictions, exits, _ = self.network.early_exit(images, thresholds, self.mode, self.weights, self.form)
         return predictions, exits
 
     def configure_optimizers(self) -> Any:

@@ -13,6 +13,7 @@ import timm
 import torch
 from torch import nn
 
+import stacktrain.vgg  # noqa: F401  (registers timm's `stacktrain_vgg`, the benchmarks' CNN)
 from stacktrain.errors import StackError, closest_names, require_existing_path
 
 

@@ -79,10 +79,57 @@ def test_collect_writes_the_measured_results_without_smoke_claims(tmp_path):
         heading = f"### {path.name}\n"
         assert heading in measured and machine_line(payload["machine"]) in measured
         positions.append(measured.index(heading))
-    assert positions == sorted(positions) and files[0].name == "stack_overhead.json"  # the attach cost first
-    assert "(contract bound: 2%) -> holds" in measured.split("### ", 2)[1]
+    assert positions == sorted(positions)
+    benchmarks = [json.loads(path.read_text())["benchmark"] for path in files]
+    assert benchmarks.index("stack_overhead") <= 1 + benchmarks.count("calibration")  # calibration, then attach cost
+    assert "(contract bound: 2%) -> holds" in measured.split("### stack_overhead.json", 1)[1].split("### ", 1)[0]
     assert "-small" not in measured and "smoke" not in measured.lower() and "Could not render" not in measured
     small = run_all.result_files(run_all.RESULTS_DIR, small=True)
     if small:  # the smoke JSONs come after, under their own caveat
         smoke = text.split("\n## Smoke run\n", 1)[1]
         assert run_all.SMOKE_CAVEAT in smoke and all(f"### {path.name}\n" in smoke for path in small)
+
+
+def test_verdict_table_leads_with_one_row_per_claim(tmp_path):
+    """RESULTS.md starts with the verdicts, each from the vocabulary and naming its JSON; the figures of
+    DINO (target at the floor) and prompt tuning (zero-shot at the ceiling) are not shown, with a reason."""
+    from benchmarks import run_all
+    from benchmarks.common import VERDICTS
+
+    out = tmp_path / "RESULTS.md"
+    run_all.main(["--collect", "--out", str(out)])
+    text = out.read_text()
+    assert text.index("## Verdicts") < text.index("## Measured")
+    table = text.split("## Verdicts\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| claim")]
+    assert rows and all(any(f"**{v}**" in row for v in VERDICTS) for row in rows)
+    assert all(row.rstrip(" |").endswith(".json`") for row in rows)
+    dino = next(row for row in rows if row.startswith("| dino:"))
+    assert "**not shown (no headroom)**" in dino and "first evaluation" in dino
+    prompt = [row for row in rows if "zero-shot" in row.split("|")[1]]
+    assert prompt and all("not shown" in row and "ceiling" in row for row in prompt)
+    assert "Not measured: The stack's combined saving" in table
+
+
+def test_every_benchmark_takes_data(capsys):
+    import importlib
+
+    from benchmarks import run_all
+
+    for name in run_all.BENCHMARKS:
+        with pytest.raises(SystemExit):
+            importlib.import_module(f"benchmarks.{name}").main(["--help"])
+        assert "--data" in capsys.readouterr().out, name
+
+
+def test_calibration_benchmark_small(tmp_path):
+    from benchmarks import calibration
+
+    out = tmp_path / "calibration.json"
+    payload = calibration.main(["--small", "--out", str(out)])
+    stored = json.loads(out.read_text())
+    assert stored["floors"]["chance"] == pytest.approx(0.1)
+    assert 0.1 < stored["floors"]["raw_knn"] < 0.6  # the cluttered task: far below the digits' 0.98
+    assert set(stored["runs"]) == {"cnn_w32", "cnn_w8", "vit"} and all(len(r) == 2 for r in stored["runs"].values())
+    assert [row["claim"] for row in calibration.verdicts(payload)][0].startswith("cluttered: raw-pixel k-NN")
+    assert stored["provenance"]["code"]["benchmarks/calibration.py"]

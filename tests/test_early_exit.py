@@ -32,26 +32,46 @@ from stacktrain.lightning_modules import BoostedEarlyExit
 # ------------------------------------------------------------------------------ boosting math
 
 
-def test_boosted_ensembles_add_up_and_independent_heads_do_not():
-    f = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[3.0, 1.0]])]
-    boosted = ensemble_predictions(f, "boost")
-    assert [b.tolist() for b in boosted] == [[[1.0, 0.0]], [[1.0, 2.0]], [[4.0, 3.0]]]
-    weighted = ensemble_predictions(f, "boost", [0.5, 0.5, 0.5])
-    assert weighted[1].tolist() == [[0.25, 1.0]]  # 0.5 * (f1 + 0.5 * f0)
+def test_boosted_ensembles_follow_the_reference_form_by_default():
+    f = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[4.0, 2.0]])]
+    boosted = ensemble_predictions(f, "boost")  # G_s = f_s + 0.5 G_{s-1} (SHI-Labs' forward, w = 0.5)
+    assert [b.tolist() for b in boosted] == [[[1.0, 0.0]], [[0.5, 2.0]], [[4.25, 3.0]]]
+    unweighted = ensemble_predictions(f, "boost", [1.0, 1.0, 1.0])
+    assert [b.tolist() for b in unweighted] == [[[1.0, 0.0]], [[1.0, 2.0]], [[5.0, 4.0]]]
+    scaled = ensemble_predictions(f, "boost", form="scaled")  # F_s = 1.0 (f_s + F_{s-1})
+    assert [b.tolist() for b in scaled] == [[[1.0, 0.0]], [[1.0, 2.0]], [[5.0, 4.0]]]
+    halved = ensemble_predictions(f, "boost", [0.5, 0.5, 0.5], form="scaled")
+    assert halved[1].tolist() == [[0.25, 1.0]]  # 0.5 * (f1 + 0.5 * f0)
     assert [i.tolist() for i in ensemble_predictions(f, "independent")] == [x.tolist() for x in f]
+    with pytest.raises(ValueError, match="ensemble form"):
+        ensemble_predictions(f, "boost", form="averaged")
 
 
 def test_boosting_loss_trains_each_head_on_the_residual_of_the_detached_ensemble():
     f0 = torch.tensor([[2.0, 0.0]], requires_grad=True)
     f1 = torch.tensor([[0.0, 1.0]], requires_grad=True)
     target = torch.tensor([1])
-    losses = exit_losses([f0, f1], target, "boost")
-    assert math.isclose(float(losses[1]), float(torch.nn.functional.cross_entropy(f0 + f1, target)), rel_tol=1e-6)
+    cross_entropy = torch.nn.functional.cross_entropy
+    losses = exit_losses([f0, f1], target, "boost")  # reference: CE(f1 + 0.5 * f0.detach())
+    assert math.isclose(float(losses[1]), float(cross_entropy(f1 + 0.5 * f0, target)), rel_tol=1e-6)
+    assert math.isclose(float(losses[0]), float(cross_entropy(f0, target)), rel_tol=1e-6)  # not rescaled
     losses[1].backward()
     assert f0.grad is None  # the earlier ensemble is a fixed offset for head 1
     assert f1.grad is not None and f1.grad.abs().sum() > 0
+    scaled = exit_losses([f0, f1], target, "boost", [0.5, 0.5], form="scaled")  # CE(0.5 (f1 + 0.5 f0))
+    assert math.isclose(float(scaled[1]), float(cross_entropy(0.5 * (f1 + 0.5 * f0), target)), rel_tol=1e-6)
     independent = exit_losses([f0, f1], target, "independent")
-    assert math.isclose(float(independent[1]), float(torch.nn.functional.cross_entropy(f1, target)), rel_tol=1e-6)
+    assert math.isclose(float(independent[1]), float(cross_entropy(f1, target)), rel_tol=1e-6)
+
+
+def test_training_offset_and_prediction_agree():
+    """Head s trains on exactly the prediction exit s makes (the reference's forward_all and forward)."""
+    f = [torch.randn(4, 3) for _ in range(4)]
+    losses = exit_losses(f, torch.tensor([0, 1, 2, 0]), "boost", [0.3] * 4)
+    predictions = ensemble_predictions(f, "boost", [0.3] * 4)
+    for loss, prediction in zip(losses, predictions):
+        expected = torch.nn.functional.cross_entropy(prediction, torch.tensor([0, 1, 2, 0]))
+        assert math.isclose(float(loss), float(expected), rel_tol=1e-6)
 
 
 def test_gradient_equilibrium_splits_the_backbone_gradient():
@@ -266,3 +286,16 @@ def test_two_processes_end_with_identical_weights_and_policies(tmp_path):
     assert_states_equal(rank0["model"], rank1["model"])
     assert not torch.isnan(rank0["model"]["thresholds"]).any()
     assert "val/acc=" in result.stdout
+
+
+def test_ensemble_form_and_weight_defaults_and_errors():
+    from stacktrain import StackError
+
+    reference = BoostedEarlyExit("resnet10t", in_chans=1)
+    assert reference.form == "reference" and reference.weights == [0.5] * reference.num_exits
+    scaled = BoostedEarlyExit("resnet10t", in_chans=1, ensemble="scaled")
+    assert scaled.weights == [1.0] * scaled.num_exits
+    with pytest.raises(StackError, match="model.init_args.ensemble"):
+        BoostedEarlyExit("resnet10t", in_chans=1, ensemble="average")
+    with pytest.raises(StackError, match="ensemble_weight"):
+        BoostedEarlyExit("resnet10t", in_chans=1, ensemble_weight=0.0)

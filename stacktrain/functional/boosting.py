@@ -1,10 +1,17 @@
 """BoostNet: an early-exit network trained as an additive model, and budgeted early-exit policies.
 
-Exit ``s`` has a head whose raw logits are ``f_s``. BoostNet's prediction at exit ``s`` is the
-ensemble ``F_s = w_s * (f_s + F_{s-1})`` (``F_0 = 0``, weights 1 by default); in training, head ``s``
-learns the residual of the *detached* earlier ensemble: its loss is ``CE(w_s * (f_s + F_{s-1}.detach()))``,
-so deeper heads fix what earlier ones got wrong instead of all learning the same thing. The classic
-baseline ("independent") trains every head on ``CE(f_s)`` and predicts with ``f_s`` alone.
+Exit ``s`` has a head whose raw logits are ``f_s``. BoostNet's prediction at exit ``s`` is an ensemble
+of the heads so far; in training, head ``s`` learns the residual of the *detached* earlier ensemble, so
+deeper heads fix what earlier ones got wrong instead of all learning the same thing. Two forms:
+
+* ``"reference"`` (the default, as SHI-Labs/Boosted-Dynamic-Networks trains and predicts):
+  ``G_s = f_s + w * G_{s-1}`` (``G_0 = f_0``); head ``s`` trains on ``CE(f_s + w * G_{s-1}.detach())``.
+  The head's own logits are not rescaled and an early head's share decays by ``w`` per later exit
+  (``w = 0.5`` in the reference's scripts).
+* ``"scaled"`` (stacktrain's first version): ``F_s = w * (f_s + F_{s-1})``; head ``s`` trains on
+  ``CE(w * (f_s + F_{s-1}.detach()))``; with ``w = 1`` every head counts fully in every later exit.
+
+The classic baseline ("independent") trains every head on ``CE(f_s)`` and predicts with ``f_s`` alone.
 
 Backbone gradients are rescaled per exit (gradient equilibrium, as in the BoostNet code's MSDNet-GE):
 the feature at exit ``i`` of ``N`` passes the head ``1/(N-i)`` of the gradient and the deeper path
@@ -25,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "DEFAULT_WEIGHT",
+    "FORMS",
+    "ensemble_step",
     "ensemble_predictions",
     "exit_losses",
     "GradientRescale",
@@ -39,18 +49,39 @@ __all__ = [
 ]
 
 
+#: The ensemble weight each form uses when none is given (the reference's scripts use 0.5).
+DEFAULT_WEIGHT = {"reference": 0.5, "scaled": 1.0}
+FORMS = tuple(DEFAULT_WEIGHT)
+
+
+def ensemble_step(logits: torch.Tensor, previous: torch.Tensor | None, weight: float,
+                  form: str = "reference") -> torch.Tensor:
+    """One exit's ensemble from its head's logits and the previous exit's ensemble (None at the first
+    exit): ``logits + weight * previous`` ("reference") or ``weight * (logits + previous)`` ("scaled")."""
+    if form == "reference":
+        return logits if previous is None else logits + weight * previous
+    if form == "scaled":
+        return (logits if previous is None else logits + previous) * weight
+    raise ValueError(f"unknown ensemble form {form!r}: use one of {FORMS}")
+
+
+def _weights(count: int, weights: Sequence[float] | None, form: str) -> list[float]:
+    if form not in DEFAULT_WEIGHT:
+        raise ValueError(f"unknown ensemble form {form!r}: use one of {FORMS}")
+    return list(weights) if weights is not None else [DEFAULT_WEIGHT[form]] * count
+
+
 def ensemble_predictions(
-    head_logits: Sequence[torch.Tensor], mode: str = "boost", weights: Sequence[float] | None = None
+    head_logits: Sequence[torch.Tensor], mode: str = "boost", weights: Sequence[float] | None = None,
+    form: str = "reference",
 ) -> list[torch.Tensor]:
-    """The prediction at every exit: ``F_s = w_s (f_s + F_{s-1})`` for "boost", ``f_s`` for "independent"."""
+    """The prediction at every exit: the ``form``'s ensemble for "boost", ``f_s`` for "independent"."""
     if mode == "independent":
         return list(head_logits)
-    weights = weights or [1.0] * len(head_logits)
     predictions: list[torch.Tensor] = []
     previous: torch.Tensor | None = None
-    for logits, weight in zip(head_logits, weights):
-        current = logits if previous is None else logits + previous
-        previous = current * weight if weight != 1.0 else current
+    for logits, weight in zip(head_logits, _weights(len(head_logits), weights, form)):
+        previous = ensemble_step(logits, previous, weight, form)
         predictions.append(previous)
     return predictions
 
@@ -61,17 +92,16 @@ def exit_losses(
     mode: str = "boost",
     weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
+    form: str = "reference",
 ) -> list[torch.Tensor]:
-    """One cross-entropy per exit. "boost": head ``s`` is trained on ``w_s (f_s + F_{s-1}.detach())``
-    (the earlier ensemble is a fixed offset); "independent": on ``f_s`` alone."""
+    """One cross-entropy per exit. "boost": head ``s`` is trained on its exit's ensemble with the
+    earlier ensemble detached (a fixed offset; see the module docstring); "independent": on ``f_s``."""
     if mode == "independent":
         return [F.cross_entropy(f, targets, label_smoothing=label_smoothing) for f in head_logits]
-    weights = weights or [1.0] * len(head_logits)
     losses: list[torch.Tensor] = []
     previous: torch.Tensor | None = None
-    for logits, weight in zip(head_logits, weights):
-        offset = 0.0 if previous is None else previous.detach()
-        current = (logits + offset) * weight
+    for logits, weight in zip(head_logits, _weights(len(head_logits), weights, form)):
+        current = ensemble_step(logits, None if previous is None else previous.detach(), weight, form)
         losses.append(F.cross_entropy(current, targets, label_smoothing=label_smoothing))
         previous = current
     return losses

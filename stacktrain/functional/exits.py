@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from stacktrain.errors import StackError
-from stacktrain.functional.boosting import ensemble_predictions, split_gradient
+from stacktrain.functional.boosting import DEFAULT_WEIGHT, ensemble_predictions, ensemble_step, split_gradient
 from stacktrain.functional.flops import forward_flops
 
 __all__ = ["StagedBackbone", "ConvExitHead", "TokenExitHead", "EarlyExitNetwork"]
@@ -297,13 +297,18 @@ class EarlyExitNetwork(nn.Module):
 
     @torch.no_grad()
     def early_exit(
-        self, images: torch.Tensor, thresholds: torch.Tensor, mode: str = "boost", weights: Sequence[float] | None = None
+        self, images: torch.Tensor, thresholds: torch.Tensor, mode: str = "boost", weights: Sequence[float] | None = None,
+        form: str = "reference",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Budgeted inference that skips the work of samples that have left.
 
         After each exit, samples whose confidence reaches ``thresholds[k]`` leave with that exit's
         prediction; only the others go on through the next segment. Returns ``(predictions,
         exit index, confidence)`` per sample.
+
+        The loop keeps its work proportional to the samples still present: one host read per exit
+        (how many leave), and the remaining rows are gathered only when some left (``index_select`` on
+        the kept positions), so a stage where nobody leaves costs no copy.
         """
         batch = images.shape[0]
         device = images.device
@@ -313,26 +318,27 @@ class EarlyExitNetwork(nn.Module):
         active = torch.arange(batch, device=device)
         features = images
         previous: torch.Tensor | None = None
-        weights = weights or [1.0] * self.num_exits
+        weights = list(weights) if weights is not None else [DEFAULT_WEIGHT[form]] * self.num_exits
+        last = self.num_exits - 1
         for index, (segment, head) in enumerate(zip(self.backbone.segments, self.heads)):
             features = segment(features)
             logits = head(features)
-            if mode == "boost":
-                current = logits if previous is None else logits + previous
-                current = current * weights[index] if weights[index] != 1.0 else current
-            else:
-                current = logits
+            current = ensemble_step(logits, previous, weights[index], form) if mode == "boost" else logits
             confidence, predicted = current.float().softmax(dim=-1).max(dim=-1)
-            leaving = confidence >= thresholds[index] if index < self.num_exits - 1 else torch.ones_like(confidence, dtype=torch.bool)
-            if leaving.any():
-                leavers = active[leaving]
-                predictions[leavers] = predicted[leaving]
-                exits[leavers] = index
-                confidence_out[leavers] = confidence[leaving]
-            staying = ~leaving
-            if not staying.any():
+            if index == last:
+                predictions[active], exits[active], confidence_out[active] = predicted, index, confidence
                 break
-            active, features, previous = active[staying], features[staying], current[staying]
+            leaving = confidence >= thresholds[index]
+            left = int(leaving.sum())
+            if left == 0:
+                previous = current
+                continue
+            leavers = active[leaving]
+            predictions[leavers], exits[leavers], confidence_out[leavers] = predicted[leaving], index, confidence[leaving]
+            if left == active.numel():
+                break
+            kept = (~leaving).nonzero().squeeze(1)
+            active, features, previous = active[kept], features.index_select(0, kept), current.index_select(0, kept)
         return predictions, exits, confidence_out
 
     @torch.no_grad()
@@ -344,6 +350,7 @@ class EarlyExitNetwork(nn.Module):
             features = segment(features)
         return self.heads[-1](features)
 
-    def predictions(self, images: torch.Tensor, mode: str = "boost", weights: Sequence[float] | None = None) -> list[torch.Tensor]:
+    def predictions(self, images: torch.Tensor, mode: str = "boost", weights: Sequence[float] | None = None,
+                    form: str = "reference") -> list[torch.Tensor]:
         """Every exit's prediction for all samples (the anytime view)."""
-        return ensemble_predictions(self(images), mode, weights)
+        return ensemble_predictions(self(images), mode, weights, form)
