@@ -150,6 +150,23 @@ def test_an_unwritable_output_path_is_refused_before_the_first_batch(tmp_path, c
     assert f"stacktrain: error: {key}=" in err and f"cannot be created: {blocked} is a file" in err
 
 
+def test_a_read_only_directory_is_refused(tmp_path, monkeypatch):
+    """A directory that exists but takes no file (permissions, a read-only mount: simulated, since root
+    may write anywhere) is found by a probe file, not by os.access."""
+    from stacktrain import run_checks
+    from stacktrain.errors import StackError
+
+    def read_only(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(run_checks.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(StackError) as info:
+        run_checks.require_writable_dir(str(tmp_path / "logs"), "trainer.logger.init_args.save_dir")
+    assert str(info.value) == (f"stacktrain: trainer.logger.init_args.save_dir='{tmp_path / 'logs'}' cannot be "
+                               f"created: {tmp_path} is not writable. Fix: choose a directory you can write to, "
+                               "or fix its permissions.")
+
+
 # ------------------------------------------------------------------------------ 5. and 6. signals, progress
 def test_sigterm_writes_a_checkpoint_exits_143_and_the_run_resumes_from_it(tmp_path, capsys):
     """Output to a file (captured: not a terminal): a progress line with the whole run's ETA from the
