@@ -9,6 +9,7 @@ and ``PolynomialLR(total_iters=...)`` receive the number of scheduler steps of t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -104,7 +105,7 @@ def replan_schedulers(trainer: Any) -> list[str]:
                                   f"(lr_scheduler.init_args.{name}: {length}), or use OneCycleLR")
         for key, value in state.items():
             setattr(scheduler, key, copy.deepcopy(value))
-        with torch.optim.lr_scheduler._enable_get_lr_call(scheduler):
+        with getattr(torch.optim.lr_scheduler, "_enable_get_lr_call", lambda _: contextlib.nullcontext())(scheduler):
             rates = scheduler.get_lr()  # OneCycleLR also sets the momentum of this step
         for group, rate in zip(scheduler.optimizer.param_groups, rates):
             group["lr"] = rate
@@ -152,7 +153,7 @@ def _build_optimizer(module: Any, optimizer: Callable[[Iterable[Any]], torch.opt
         cls = _target_class(optimizer)
         name = cls.__name__ if cls is not None else "optimizer"
         match = re.search(r"Invalid (\w+)", str(error))
-        key = {"learning": "lr"}.get(match.group(1), match.group(1)) if match else "init_args"
+        key = {"learning": "lr", "epsilon": "eps"}.get(match.group(1), match.group(1)) if match else "init_args"
         raise StackError(f"is refused by {name} ({str(error).rstrip('.')})", source=type(module).__name__,
                          key=f"model.init_args.optimizer.init_args.{key}", value=_invalid_value(error),
                          fix="use a learning rate above 0 (e.g. lr: 0.001) and non-negative weight_decay, "
