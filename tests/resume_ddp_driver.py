@@ -61,7 +61,7 @@ class Scenario:
     #: the stopped run is planned for ``stop_at`` steps and resumed for ``total`` (extending a run): the
     #: resumed run is compared with one planned for ``total`` where the schedules must agree, not bitwise
     extend: bool = False
-    #: the run is stopped by SIGTERM on every rank after ``stop_at`` (`RunGuard` writes the checkpoint)
+    #: the run is stopped by a SIGTERM to rank 0 alone after ``stop_at`` (`RunGuard` stops every rank there)
     sigterm: bool = False
 
 
@@ -146,7 +146,7 @@ SCENARIOS: dict[str, Scenario] = {
     "ExtendedRun": Scenario(4, 2, python_run(
         simclr_one_cycle, two_views_two_workers,
         lambda: [TokenDropout(keep_ratio=0.5, schedule="step", until=0.5), RunGuard()]), extend=True),
-    # stopped by SIGTERM after step 3: the checkpoint RunGuard writes resumes exactly on both ranks
+    # SIGTERM to rank 0 alone after step 3: both ranks stop there, the checkpoint resumes exactly on both
     "SIGTERM": Scenario(6, 3, python_run(vit_with_dropout, digits, lambda: [RunGuard()]), sigterm=True),
     "stack_vit": Scenario(6, 3, config_run("stack_vit", None, "--trainer.limit_val_batches", "0")),
     # exploration updates at steps 0 and 2, compaction at 4 (after the resume)
@@ -183,7 +183,7 @@ def run_scenario(name: str, clip: str, workdir: Path) -> dict[str, Any]:
     checkpoints = workdir / "stopped"
     module, data, trainer = scenario.build(clip, scenario.stop_at if scenario.extend else scenario.total, workdir, 0)
     if scenario.sigterm:
-        trainer.callbacks.append(SignalAt(scenario.stop_at))
+        trainer.callbacks.insert(0, SignalAt(scenario.stop_at, only_rank=0))  # before RunGuard: stops at this step
         try:
             trainer.fit(module, data)
         except SystemExit:  # Lightning's SIGTERMException

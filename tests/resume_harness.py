@@ -61,14 +61,15 @@ class StopAt(Callback):
 
 class SignalAt(Callback):
     """Sends ``signal_name`` to this process after optimizer step ``step``, as a scheduler's SIGTERM
-    or a Ctrl-C would arrive (under DDP on every rank, as SLURM and torchrun deliver it)."""
+    or a Ctrl-C would arrive; under DDP to every rank, or to ``only_rank`` alone."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
+    def __init__(self, step: int, signal_name: str = "SIGTERM", only_rank: int | None = None) -> None:
         self.step = step
         self.signal_name = signal_name
+        self.only_rank = only_rank
 
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.only_rank in (None, trainer.global_rank):
             os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
