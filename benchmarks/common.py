@@ -105,11 +105,12 @@ def table(rows: dict[str, dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def write_json(name: str, payload: dict[str, Any], out: str | None = None, markdown: str | None = None) -> Path:
-    """Write ``payload`` with the machine it ran on; ``markdown`` is the human report (tables and
-    verdicts) that ``run_all.py`` copies into RESULTS.md."""
+    """Write ``payload`` with the machine it ran on and its provenance (the code in the benchmark's
+    ``SCOPE``, see `provenance`); ``markdown`` is the human report (tables and verdicts) that
+    ``run_all.py`` copies into RESULTS.md."""
     path = Path(out) if out else RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": name, "machine": machine(), "provenance": provenance(), **payload}
+    record = {"benchmark": name, "machine": machine(), "provenance": provenance(benchmark_scope(name)), **payload}
     if markdown:
         record["markdown"] = markdown
     path.write_text(json.dumps(record, indent=2))
@@ -325,6 +326,9 @@ def data_name(spec: str) -> str:
 
 # ------------------------------------------------------------------------------------- provenance
 REPOSITORY = Path(__file__).resolve().parent.parent
+#: When this process imported the benchmark plumbing (its start, for every benchmark script): a file
+#: modified after it may not be the code that ran.
+STARTED = time.time()
 
 
 def _git(*args: str) -> str:
@@ -335,9 +339,23 @@ def _git(*args: str) -> str:
     return done.stdout.strip() if done.returncode == 0 else ""
 
 
-def imported_code() -> list[str]:
-    """Repository-relative paths of the project's Python files this process imported (the code a
-    benchmark's figures depend on), sorted."""
+def benchmark_scope(name: str) -> list[str] | None:
+    """The ``SCOPE`` a benchmark module declares: the files and folders its figures depend on (its
+    own script, the technique's module and functional core, the data...). Importing every technique
+    through ``stacktrain.lightning_modules`` must not make a change to another technique mark it stale."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"benchmarks.{name}")
+    except ImportError:
+        return None
+    scope = getattr(module, "SCOPE", None)
+    return list(scope) if scope else None
+
+
+def imported_code(scope: Sequence[str] | None = None) -> list[str]:
+    """Repository-relative paths of the project's Python files this process imported, sorted; with
+    ``scope`` (paths of files, or of folders ending in ``/``) only those inside it."""
     files = set()
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
@@ -347,8 +365,11 @@ def imported_code() -> list[str]:
             relative = Path(path).resolve().relative_to(REPOSITORY)
         except ValueError:
             continue
-        if relative.suffix == ".py" and not relative.parts[0].startswith("."):
-            files.add(relative.as_posix())
+        name = relative.as_posix()
+        if relative.suffix != ".py" or relative.parts[0].startswith("."):
+            continue
+        if scope is None or any(name == entry or (entry.endswith("/") and name.startswith(entry)) for entry in scope):
+            files.add(name)
     return sorted(files)
 
 
@@ -361,13 +382,15 @@ def code_digests(files: Sequence[str]) -> dict[str, str]:
     return digests
 
 
-def provenance() -> dict[str, Any]:
-    """What a JSON's figures were measured with: the commit, whether the tree had uncommitted changes,
-    and the content digest of every project file the benchmark imported (`staleness` compares them)."""
-    files = imported_code()
+def provenance(scope: Sequence[str] | None = None) -> dict[str, Any]:
+    """What a JSON's figures were measured with: the commit, whether those files had uncommitted
+    changes, and the content digest of every project file the benchmark imported within ``scope``
+    (all of them without one); `staleness` compares the digests."""
+    files = imported_code(scope)
+    changed = [name for name in files if (REPOSITORY / name).stat().st_mtime > STARTED]
     return {"commit": _git("rev-parse", "HEAD") or None,
             "dirty": bool(_git("status", "--porcelain", "--", *files)) if files else None,
-            "code": code_digests(files)}
+            "code": code_digests(files), "changed_during_run": changed}
 
 
 def staleness(record: dict[str, Any]) -> str:
@@ -376,6 +399,8 @@ def staleness(record: dict[str, Any]) -> str:
     recorded = record.get("provenance")
     if not recorded or not recorded.get("code"):
         return "measured before provenance was recorded: the code it measured is unknown"
+    if recorded.get("changed_during_run"):
+        return "code changed while it was measured: " + ", ".join(recorded["changed_during_run"])
     now = code_digests(list(recorded["code"]))
     changed = [name for name, digest in recorded["code"].items() if now[name] != digest]
     if not changed:

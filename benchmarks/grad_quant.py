@@ -42,6 +42,23 @@ from benchmarks.common import (  # noqa: E402
 from stacktrain.callbacks import EfficiencyReport, GradientQuantization  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
 
+#: The code this benchmark's figures depend on (`benchmarks.common.provenance`: a change here marks its
+#: JSON stale in RESULTS.md; a change to another technique does not).
+SCOPE = [
+    "benchmarks/grad_quant.py",
+    "benchmarks/common.py",
+    "datamodules/",
+    "stacktrain/stack.py",
+    "callbacks/grad_quant.py",
+    "callbacks/efficiency.py",
+    "stacktrain/functional/quantize.py",
+    "stacktrain/functional/metagrad.py",
+    "lightning_modules/classifier.py",
+    "stacktrain/models.py",
+    "stacktrain/vgg.py",
+    "stacktrain/optim.py",
+]
+
 SETTINGS: dict[str, dict[str, Any]] = {
     "cnn": dict(model_name="test_resnet", model_kwargs={}, lr=3e-3, weight_decay=0.05, one_cycle=True, epochs=8),
     "vit": dict(model_name="vit_tiny_patch16_224",

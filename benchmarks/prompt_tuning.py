@@ -53,6 +53,19 @@ from stacktrain.functional.clip import (  # noqa: E402
 )
 from stacktrain.lightning_modules import PromptTunedCLIP  # noqa: E402
 
+#: The code this benchmark's figures depend on (`benchmarks.common.provenance`: a change here marks its
+#: JSON stale in RESULTS.md; a change to another technique does not).
+SCOPE = [
+    "benchmarks/prompt_tuning.py",
+    "benchmarks/common.py",
+    "datamodules/",
+    "lightning_modules/prompt_tuning.py",
+    "stacktrain/functional/prompts.py",
+    "stacktrain/functional/clip.py",
+    "benchmarks/clip_cache.py",
+    "stacktrain/optim.py",
+]
+
 NOISE_RATES = (0.0, 0.125, 0.25, 0.5)
 LOSSES = ("ce", "gce")
 #: The small mode: a micro CLIP pretrained for a few steps; numbers only show that everything runs.

@@ -46,6 +46,24 @@ from stacktrain.callbacks import PruneRegrow  # noqa: E402
 from stacktrain.functional.flops import forward_flops  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
 
+#: The code this benchmark's figures depend on (`benchmarks.common.provenance`: a change here marks its
+#: JSON stale in RESULTS.md; a change to another technique does not).
+SCOPE = [
+    "benchmarks/prune_regrow.py",
+    "benchmarks/common.py",
+    "datamodules/",
+    "stacktrain/stack.py",
+    "callbacks/prune_regrow.py",
+    "stacktrain/functional/channel_selection.py",
+    "stacktrain/functional/compaction.py",
+    "stacktrain/functional/compact_loader.py",
+    "stacktrain/functional/flops.py",
+    "lightning_modules/classifier.py",
+    "stacktrain/models.py",
+    "stacktrain/vgg.py",
+    "stacktrain/optim.py",
+]
+
 TARGETS = (0.5, 0.25)
 
 

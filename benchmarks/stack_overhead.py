@@ -36,6 +36,19 @@ from stacktrain.callbacks import EfficiencyReport  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
 from stacktrain.stack import FLOPS_PER_STEP, Technique  # noqa: E402
 
+#: The code this benchmark's figures depend on (`benchmarks.common.provenance`: a change here marks its
+#: JSON stale in RESULTS.md; a change to another technique does not).
+SCOPE = [
+    "benchmarks/stack_overhead.py",
+    "benchmarks/common.py",
+    "datamodules/",
+    "stacktrain/stack.py",
+    "callbacks/efficiency.py",
+    "lightning_modules/classifier.py",
+    "stacktrain/models.py",
+    "stacktrain/optim.py",
+]
+
 QUICKSTART_VIT = dict(img_size=16, patch_size=4, embed_dim=96, depth=6, num_heads=4, mlp_ratio=2.0)
 _HOOKS = [name for name in dir(Callback) if name.startswith("on_")] + ["setup", "teardown", "on_after_optimizer_step"]
 

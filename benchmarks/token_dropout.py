@@ -40,6 +40,26 @@ from benchmarks.common import (  # noqa: E402
 from stacktrain.callbacks import EfficiencyReport, TokenDropout  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
 
+#: The code this benchmark's figures depend on (`benchmarks.common.provenance`: a change here marks its
+#: JSON stale in RESULTS.md; a change to another technique does not).
+SCOPE = [
+    "benchmarks/token_dropout.py",
+    "benchmarks/common.py",
+    "datamodules/",
+    "stacktrain/stack.py",
+    "callbacks/efficiency.py",
+    "callbacks/token_dropout.py",
+    "stacktrain/functional/token_drop.py",
+    "stacktrain/functional/acceleration_schedule.py",
+    "stacktrain/functional/contrastive.py",
+    "stacktrain/functional/flops.py",
+    "stacktrain/search_schedule.py",
+    "lightning_modules/contrastive.py",
+    "lightning_modules/classifier.py",
+    "stacktrain/models.py",
+    "stacktrain/optim.py",
+]
+
 REPO = Path(__file__).resolve().parents[1]
 #: Search budgets: MoCo v3's momentum encoder and DINO's teacher see full sequences, so no schedule
 #: of the student costs less than about 0.31 of their full step.
@@ -52,7 +72,7 @@ STEP_VIT = dict(img_size=16, patch_size=2, embed_dim=96, depth=6, num_heads=4, m
 
 # ------------------------------------------------------------------------------ (a) step time
 def classifier_run(steps: int, batch_size: int, vit: dict, patch_drop_rate: float = 0.0, technique: dict | None = None,
-                   data: str = "digits"):
+                   data: str = "digits", accelerator: str = "cpu"):
     def run() -> dict[str, float]:
         torch.manual_seed(0)
         datamodule = classification_data(data, batch_size=batch_size, image_size=vit["img_size"],
@@ -63,7 +83,7 @@ def classifier_run(steps: int, batch_size: int, vit: dict, patch_drop_rate: floa
         callbacks: list[Callback] = [timer]
         if technique is not None:
             callbacks.append(TokenDropout(**technique))
-        trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps + WARMUP_STEPS, limit_val_batches=0, logger=False,
+        trainer = Trainer(accelerator=accelerator, devices=1, max_steps=steps + WARMUP_STEPS, limit_val_batches=0, logger=False,
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                           callbacks=callbacks)
         trainer.fit(model, datamodule)
@@ -71,8 +91,9 @@ def classifier_run(steps: int, batch_size: int, vit: dict, patch_drop_rate: floa
     return run
 
 
-def step_times(steps: int, repeats: int, batch_size: int, vit: dict, data: str = "digits") -> dict[str, dict[str, float]]:
-    run = partial(classifier_run, steps, batch_size, vit, data=data)
+def step_times(steps: int, repeats: int, batch_size: int, vit: dict, data: str = "digits",
+               accelerator: str = "cpu") -> dict[str, dict[str, float]]:
+    run = partial(classifier_run, steps, batch_size, vit, data=data, accelerator=accelerator)
     variants = {"full sequence": run()}
     for keep in (0.75, 0.5, 0.25):
         variants[f"TokenDropout keep {keep}"] = run(technique=dict(keep_ratio=keep))
@@ -276,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments.add_argument("--steps", type=int, default=20, help="(a) training steps per run")
     arguments.add_argument("--repeats", type=int, default=3, help="(a) rounds of whole runs")
     arguments.add_argument("--batch-size", type=int, default=64, help="(a) batch size")
+    arguments.add_argument("--accelerator", default="cpu", help="(a) Lightning accelerator (gpu: scripts/gpu_check.sh)")
     arguments.add_argument("--methods", default="simclr,mocov3,dino", help="(b) comma-separated; '' to skip (b)")
     arguments.add_argument("--seeds", type=int, default=3, help="(b) seeds of SimCLR")
     arguments.add_argument("--seeds-other", type=int, default=1, help="(b) seeds of MoCo v3 and DINO")
@@ -302,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps: dict[str, Any] = {}
     gap: dict[str, float] = {}
     if "a" in parts:
-        steps = step_times(args.steps, args.repeats, args.batch_size, vit, args.data)
+        steps = step_times(args.steps, args.repeats, args.batch_size, vit, args.data, args.accelerator)
         ours, theirs = steps["TokenDropout keep 0.5"], steps["timm patch_drop_rate 0.5"]
         gap = {"cpu": ours["cpu_ratio"] - theirs["cpu_ratio"], "wall": ours["wall_ratio"] - theirs["wall_ratio"]}
 

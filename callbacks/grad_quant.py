@@ -190,6 +190,15 @@ class GradientQuantization(Technique):
             self.hypernet = MetaGradCompensation(self.hypernet_hidden, self.hypernet_inputs, self.meta_lr, seed=self.seed)
         self._step_reached = self._step_taken = False
 
+    def compile_problem(self) -> tuple[str, str, Any, str] | None:
+        if self.bits is None or self.targets == "weights":
+            return None  # weight-gradient hooks run after the compiled backward, on the parameters
+        return (
+            "activation gradients are quantized by a hook registered on every Linear/Conv output inside the "
+            "forward, which splits the compiled graph at every layer",
+            "targets", self.targets, "use targets: weights, or model.init_args.compile: false",
+        )
+
     def _detach(self) -> None:
         if self.quantizer is not None:
             self.quantizer.detach()

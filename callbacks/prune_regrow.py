@@ -391,7 +391,10 @@ class PruneRegrow(Technique):
         example = torch.zeros(self.example_shape, device=device)
         dense_sizes = channel_config(pl_module)
         old = dict(pl_module.named_parameters())
-        keep = compact_network(pl_module, self.plan, self.masks, example)
+        # the dependency trace and the FLOPs count run the network once on a 1-sample example: eagerly,
+        # or a compiled module would compile that trace (and recompile for every traced shape)
+        with torch.compiler.set_stance("force_eager"):
+            keep = compact_network(pl_module, self.plan, self.masks, example)
         new = dict(pl_module.named_parameters())
         for optimizer in trainer.optimizers:
             remap_optimizer(optimizer, old, new, keep)
@@ -405,7 +408,8 @@ class PruneRegrow(Technique):
         # the other techniques (gradient hooks, per-parameter state, DDP comm hooks) follow the new tensors
         notify_parameters_replaced(trainer, pl_module, keep, source=self)
         self.layer_sizes = channel_config(pl_module, reference=dense_sizes)
-        self.compact_flops = forward_flops(pl_module, example)
+        with torch.compiler.set_stance("force_eager"):
+            self.compact_flops = forward_flops(pl_module, example)
         self.compacted = True
         self.compacted_at = int(step)
         self.memory = {}

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from stacktrain.errors import StackError, require_number
 from stacktrain.functional.acceleration_schedule import AccelerationSchedule, read_schedule_file
@@ -25,7 +25,15 @@ from stacktrain.functional.token_drop import (
     select_vit,
 )
 from stacktrain.loggers import log_table_with_line
-from stacktrain.stack import FLOPS_PER_STEP, STACK_ORDER, TOKENS_PER_SAMPLE, Technique, run_dir, unique_path
+from stacktrain.stack import (
+    FLOPS_PER_STEP,
+    STACK_ORDER,
+    TOKENS_PER_SAMPLE,
+    Technique,
+    is_compiled,
+    run_dir,
+    unique_path,
+)
 
 __all__ = ["TokenDropout"]
 
@@ -113,6 +121,10 @@ class TokenDropout(Technique):
         self._generator: torch.Generator | None = None
         self._vit: torch.nn.Module | None = None
         self._logged = False
+        #: under torch.compile, filled at train end: the sequence lengths the compiled ViT saw and the
+        #: graphs compiled during the fit
+        self.compiled_shapes: dict[str, Any] | None = None
+        self._graphs_at_start = 0
 
     # ------------------------------------------------------------------------------------ set-up
     def setup_technique(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -157,8 +169,23 @@ class TokenDropout(Technique):
                 )
         self.total_steps = int(total)
         self._logged = False
+        self._graphs_at_start = _compiled_graphs()
         if trainer.is_global_zero and trainer.loggers and not trainer.fast_dev_run:  # fast_dev_run: dummy loggers
             self._log_planned_schedule(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Under torch.compile, say how many token-sequence shapes the compiled ViT saw and how many
+        graphs the fit compiled: the dropout runs outside the graph and the blocks get a symbolic sequence
+        length, so a schedule with many keep ratios does not compile once per ratio."""
+        if self.compression is None or not is_compiled(pl_module):
+            return
+        lengths = sorted(self.compression.drop.sequence_lengths)
+        graphs = _compiled_graphs() - self._graphs_at_start
+        self.compiled_shapes = {"sequence_lengths": lengths, "graphs": graphs}
+        rank_zero_info(
+            f"TokenDropout: torch.compile: {len(lengths)} token-sequence lengths {lengths} ran through the compiled "
+            f"ViT (one symbolic length after the second); {graphs} graphs compiled during this fit (the whole module's, eval included)"
+        )
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit" and self.compression is not None:
@@ -312,6 +339,13 @@ def _first_step_at(progress: float, total: int) -> int:
     while step / total < progress:
         step += 1
     return step
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (torch._dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _mask_seed(seed: int, rank: int, step: int, batch_idx: int) -> int:

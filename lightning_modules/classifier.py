@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from stacktrain.errors import StackError, require_number
 from stacktrain.models import check_input_shape, create_timm_model
 from stacktrain.optim import configure_optimization, weight_decay_groups
+from stacktrain.stack import compile_for_stack
 
 __all__ = ["ImageClassifier", "check_data_matches"]
 
@@ -61,6 +62,9 @@ class ImageClassifier(LightningModule):
         lr_scheduler: optional scheduler factory.
         scheduler_interval: step the scheduler every optimizer "step" or every "epoch".
         decay_norm_and_bias: also apply weight decay to norms, biases and tokens.
+        compile: ``torch.compile`` the network (in place, in ``configure_model``, after the
+            techniques' setup); a technique that cannot be compiled says so before the first batch.
+        compile_options: keyword arguments of ``torch.compile`` (``backend``, ``mode``, ``dynamic``...).
     """
 
     def __init__(
@@ -75,6 +79,8 @@ class ImageClassifier(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
         decay_norm_and_bias: bool = False,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         source = type(self).__name__
@@ -100,6 +106,12 @@ class ImageClassifier(LightningModule):
 
     def setup(self, stage: str) -> None:
         check_data_matches(self, self.model, self.hparams.num_classes)
+
+    def configure_model(self) -> None:
+        """Compile here, as Lightning recommends: it runs after every ``setup`` (the techniques' modules
+        and hooks are in place) and before the first batch."""
+        if self.hparams.get("compile", False):
+            compile_for_stack(self.model, self._trainer, self.hparams.get("compile_options"), source=type(self).__name__)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels = batch

@@ -39,6 +39,7 @@ from stacktrain.functional.contrastive import (
 from stacktrain.lightning_modules.classifier import check_data_matches
 from stacktrain.models import create_timm_model
 from stacktrain.optim import configure_optimization, weight_decay_groups
+from stacktrain.stack import compile_for_stack
 
 __all__ = ["ContrastiveLearner", "SimCLR", "MoCoV3", "DINO"]
 
@@ -57,6 +58,9 @@ class ContrastiveLearner(LightningModule, abc.ABC):
         optimizer: optimizer factory (default AdamW).
         lr_scheduler: optional scheduler factory (e.g. OneCycleLR: warmup + cosine).
         scheduler_interval: step the scheduler every optimizer "step" or every "epoch".
+        compile: ``torch.compile`` the network (in place, in ``configure_model``, after the
+            techniques' setup); a technique that cannot be compiled says so before the first batch.
+        compile_options: keyword arguments of ``torch.compile`` (``backend``, ``mode``, ``dynamic``...).
     """
 
     #: global (full-size) views the objective needs per image
@@ -74,6 +78,8 @@ class ContrastiveLearner(LightningModule, abc.ABC):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         source = type(self).__name__
@@ -118,6 +124,13 @@ class ContrastiveLearner(LightningModule, abc.ABC):
                 source=source, key="model.init_args.model_kwargs.dynamic_img_size", value=False,
                 fix="set model.init_args.model_kwargs.dynamic_img_size: true (timm ViT), or local_views: 0",
             )
+
+    def configure_model(self) -> None:
+        """Compile the student backbone (the network that trains and that TokenDropout shortens) here, as
+        Lightning recommends: after every ``setup`` and before the first batch."""
+        if self.hparams.get("compile", False):
+            compile_for_stack(self.backbone, self._trainer, self.hparams.get("compile_options"),
+                              source=type(self).__name__)
 
     # ----------------------------------------------------------------------------------- training
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,8 @@ __all__ = [
     "unique_path",
     "step_generator",
     "batch_size_of",
+    "compile_for_stack",
+    "is_compiled",
     "FLOPS_PER_STEP",
     "TOKENS_PER_SAMPLE",
     "BYTES_PER_STEP",
@@ -147,6 +149,12 @@ class Technique(Callback):
 
     def setup_technique(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Find what the technique needs in ``pl_module``; raise `StackError` if it cannot apply."""
+
+    def compile_problem(self) -> tuple[str, str, Any, str] | None:
+        """Why the module this technique is attached to cannot be ``torch.compile``d with it, as
+        ``(problem, key, value, fix)``; None when it can (the default). Asked by `compile_for_stack`
+        before the first batch."""
+        return None
 
     def on_after_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
@@ -402,3 +410,26 @@ def batch_size_of(batch: Any) -> int:
     if isinstance(batch, dict) and batch:
         return batch_size_of(next(iter(batch.values())))
     return 1
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or one of its submodules was compiled in place (``nn.Module.compile``)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+
+
+def compile_for_stack(module: torch.nn.Module, trainer: Trainer | None, options: Mapping[str, Any] | None,
+                      *, source: str) -> None:
+    """``torch.compile`` ``module`` in place (``nn.Module.compile``: same parameters and state_dict keys,
+    so checkpoints, the techniques' hooks and their module surgery keep working), after asking every
+    technique of the run whether it can be compiled; the first that cannot raises a `StackError`
+    before the first batch. Called from a LightningModule's ``configure_model``, which Lightning runs
+    after the techniques' ``setup`` (where they install their modules and hooks). Idempotent."""
+    if is_compiled(module):
+        return
+    for technique in techniques_of(trainer) if trainer is not None else []:
+        problem = technique.compile_problem()
+        if problem is not None:
+            text, key, value, fix = problem
+            raise StackError(f"cannot be compiled (model.init_args.compile: true): {text}",
+                             source=type(technique).__name__, key=key, value=value, fix=fix)
+    module.compile(**dict(options or {}))

@@ -100,11 +100,24 @@ def test_provenance_marks_a_json_stale_when_its_code_changes(tmp_path, monkeypat
     code.write_text("x = 2\n")
     assert "bench.py" in common.staleness(record) and "abc" in common.staleness(record)
     assert "before provenance" in common.staleness({"benchmark": "old"})
+    during = {"provenance": dict(record["provenance"], changed_during_run=["bench.py"])}
+    assert "while it was measured" in common.staleness(during)
 
 
-def test_a_benchmark_json_records_its_commit_and_imported_code(tmp_path):
+def test_a_benchmark_json_records_its_commit_and_imported_code(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "STARTED", float("inf"))  # this test process may be older than an edit
     out = common.write_json("probe", {"value": 1}, str(tmp_path / "probe.json"))
     record = json.loads(out.read_text())
     assert "benchmarks/common.py" in record["provenance"]["code"]
     assert all(not name.startswith("/") for name in record["provenance"]["code"])
     assert common.staleness(record) == ""
+
+
+def test_a_benchmark_scope_limits_the_code_its_staleness_follows():
+    from benchmarks import early_exit
+
+    scoped = common.imported_code(early_exit.SCOPE)
+    assert "lightning_modules/early_exit.py" in scoped and "stacktrain/functional/boosting.py" in scoped
+    # imported through stacktrain.lightning_modules, but another technique's: not its concern
+    assert "lightning_modules/contrastive.py" in common.imported_code()
+    assert "lightning_modules/contrastive.py" not in scoped

@@ -277,7 +277,8 @@ def test_resume_gives_identical_weights_and_exit_policy(tmp_path):
 def test_two_processes_end_with_identical_weights_and_policies(tmp_path):
     result = check(run_ddp(
         ["fit", "--config", str(CONFIGS / "early_exit_boosting.yaml"), "--trainer.logger", "false",
-         "--model.backbone", "resnet10t", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
+         "--model.backbone_kwargs", '{"width": 8, "stage_convs": [1, 1, 1, 1]}', "--data.train_size", "512",
+         "--data.val_size", "128", "--data.test_size", "128", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4",
          "--trainer.limit_val_batches", "2"],
         workdir=tmp_path, dump_dir=tmp_path / "ranks",
     ))
@@ -299,3 +300,24 @@ def test_ensemble_form_and_weight_defaults_and_errors():
         BoostedEarlyExit("resnet10t", in_chans=1, ensemble="average")
     with pytest.raises(StackError, match="ensemble_weight"):
         BoostedEarlyExit("resnet10t", in_chans=1, ensemble_weight=0.0)
+
+
+def test_inference_copy_folds_batchnorm_and_predicts_the_same():
+    torch.manual_seed(0)
+    module = BoostedEarlyExit("stacktrain_vgg", in_chans=1, backbone_kwargs={"width": 8, "stage_convs": [1, 1, 1, 1]})
+    module.eval()
+    for norm in module.network.modules():  # non-trivial statistics, so folding them is visible
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+    fast = module.network.for_inference(channels_last=True)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in module.network.modules())  # the original is untouched
+    images = torch.randn(16, 1, 32, 32)
+    with torch.no_grad():
+        expected = module.network.full_forward(images)
+        got = fast.full_forward(images.contiguous(memory_format=torch.channels_last))
+        assert torch.allclose(got, expected, atol=1e-4)
+        thresholds = torch.tensor([0.0, float("inf"), float("inf"), float("-inf")])  # everyone leaves at exit 0
+        _, exits, _ = fast.early_exit(images, thresholds, module.mode, module.weights, module.form)
+    assert exits.tolist() == [0] * 16

@@ -51,7 +51,9 @@ def nt_xent_loss(
     rows = torch.arange(batch, device=z1.device)
     own = torch.cat((offset + rows, total + offset + rows))
     positive = torch.cat((total + offset + rows, offset + rows))
-    logits = logits.index_put((torch.arange(2 * batch, device=z1.device), own), torch.tensor(-math.inf, device=z1.device))
+    # the fill takes the logits' dtype: bfloat16 under autocast (bf16-mixed), float32 otherwise
+    fill = torch.tensor(-math.inf, device=z1.device, dtype=logits.dtype)
+    logits = logits.index_put((torch.arange(2 * batch, device=z1.device), own), fill)
     return F.cross_entropy(logits, positive)
 
 

@@ -341,6 +341,30 @@ class EarlyExitNetwork(nn.Module):
             active, features, previous = active[kept], features.index_select(0, kept), current.index_select(0, kept)
         return predictions, exits, confidence_out
 
+    def for_inference(self, channels_last: bool = True) -> "EarlyExitNetwork":
+        """An evaluation copy tuned for CPU/GPU inference: every convolution followed by a BatchNorm is
+        folded into one convolution (``torch.fx`` fusion, per segment and head; a part that cannot be
+        traced stays as it is) and, with ``channels_last``, weights use the channels-last layout (feed it
+        ``images.contiguous(memory_format=torch.channels_last)``). It gives the same predictions up to
+        float rounding. Measured on the cluttered digits' CNN (one CPU thread, batch 256): a contiguous
+        max-pool and the BatchNorm passes over the 32x32 maps made the first stage cost about half of
+        the time for a quarter of the FLOPs, so every early leaver paid for them."""
+        import copy
+
+        from torch.fx.experimental.optimization import fuse
+
+        network = copy.deepcopy(self).eval()
+        for parts in (network.backbone.segments, network.heads):
+            for index, part in enumerate(parts):
+                if any(isinstance(m, nn.BatchNorm2d) for m in part.modules()):
+                    try:
+                        parts[index] = fuse(part)
+                    except Exception:  # noqa: BLE001 - untraceable control flow: keep the module unfused
+                        pass
+        if channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        return network
+
     @torch.no_grad()
     def full_forward(self, images: torch.Tensor) -> torch.Tensor:
         """The plain network: every segment and the last head only (the baseline of budgeted

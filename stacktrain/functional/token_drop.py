@@ -121,6 +121,9 @@ class RandomTokenDrop(nn.Module):
         self.patch_mode = "flexi"
         self.reset_counters()
 
+        #: every sequence length a training forward sent on to the blocks (what torch.compile saw)
+        self.sequence_lengths: set[int] = set()
+
     def reset_counters(self) -> None:
         """Zero the per-step tallies (samples, tokens, FLOPs with and without the compression)."""
         self.samples = 0
@@ -129,6 +132,12 @@ class RandomTokenDrop(nn.Module):
         self.flops = 0.0
         self.flops_full = 0.0
 
+    # Under torch.compile this runs eagerly (a graph break): the keep ratio, the generator and the
+    # counters stay Python state instead of guards that would recompile at every new ratio. The blocks
+    # after it compile at the first sequence length, and at the second torch's automatic dynamic shapes
+    # recompile them once with the length symbolic: two compiles whatever the number of lengths.
+    # (torch._dynamo.mark_dynamic on the output did not reach the resumed graph in torch 2.14.)
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
@@ -136,6 +145,7 @@ class RandomTokenDrop(nn.Module):
             x_out = random_token_keep(x, self.keep_ratio, self.num_prefix_tokens, self.generator, self.ordered)
         else:
             x_out = x
+        self.sequence_lengths.add(int(x_out.shape[1]))
         if self.cost_model is not None:
             self._count(x.shape[0], x.shape[1] - self.num_prefix_tokens, x_out.shape[1], x.requires_grad)
         return x_out
