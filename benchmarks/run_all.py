@@ -1,7 +1,7 @@
 """Run every benchmark and write ``benchmarks/RESULTS.md``: the measured results, then the run just done.
 
     python benchmarks/run_all.py                 # the measurement modes (minutes each)
-    python benchmarks/run_all.py --small         # smoke mode: seconds each, numbers meaningless
+    python benchmarks/run_all.py --small         # smoke mode: seconds each, numbers meaningless (RESULTS-small.md)
     python benchmarks/run_all.py --collect       # run nothing: rewrite RESULTS.md from the JSONs
     python benchmarks/run_all.py --only early_exit grad_quant
 
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--small", action="store_true", help="smoke mode of every benchmark")
     mode.add_argument("--collect", action="store_true", help="run nothing; rewrite RESULTS.md from the JSONs present")
     arguments.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
-    arguments.add_argument("--out", default=None, help="RESULTS.md path (default benchmarks/RESULTS.md)")
+    arguments.add_argument("--out", default=None, help="RESULTS.md path (default benchmarks/RESULTS.md; "
+                           "with --small the untracked benchmarks/RESULTS-small.md)")
     arguments.add_argument("--timeout", type=float, default=3600.0, help="seconds per benchmark")
     args = arguments.parse_args(argv)
     RESULTS_DIR.mkdir(exist_ok=True)
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             entries.append(run(name, args.small, RESULTS_DIR, args.timeout))
             print(f"  {entries[-1]['status']} in {entries[-1]['seconds']:.0f} s", flush=True)
         (RESULTS_DIR / RUN_LOG).write_text(json.dumps(entries, indent=2))
-    out = Path(args.out) if args.out else HERE / "RESULTS.md"
+    # a smoke run must not rewrite the tracked measured results: it goes to an untracked file
+    out = Path(args.out) if args.out else HERE / ("RESULTS-small.md" if args.small else "RESULTS.md")
     mode_name = "collect" if args.collect else "small" if args.small else "measure"
     every_rendered = write_results(out, RESULTS_DIR, mode_name, entries)
     print(f"written {out}")

@@ -11,3 +11,8 @@ __all__ = ["EfficiencyReport", "ExactResume", "GradientQuantization", "PruneRegr
 from .nonfinite_guard import NonFiniteGuard
 
 __all__ += ["NonFiniteGuard"]
+
+from .progress import ProgressLog
+from .run_guard import RunGuard
+
+__all__ += ["ProgressLog", "RunGuard"]

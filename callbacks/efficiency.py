@@ -13,7 +13,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from stacktrain.stack import CostLine, EfficiencySink, run_dir, unique_path
+from stacktrain.callbacks.nonfinite_guard import NonFiniteGuard
+from stacktrain.stack import INFERENCE_FLOPS, INFERENCE_FLOPS_AVERAGE, CostLine, EfficiencySink, run_dir, unique_path
 
 __all__ = ["EfficiencyReport"]
 
@@ -144,8 +145,11 @@ class EfficiencyReport(EfficiencySink):
     def markdown(self, trainer: Trainer | None = None) -> str:
         out = ["# stacktrain efficiency report", ""]
         if trainer is not None:
+            guard = next((c for c in getattr(trainer, "callbacks", []) if isinstance(c, NonFiniteGuard)), None)
+            skipped = guard.skipped_steps if guard is not None else 0
+            applied = f" ({skipped} skipped by NonFiniteGuard: non-finite gradients, not applied)" if skipped else ""
             out.append(
-                f"{trainer.global_step} optimizer steps, {trainer.current_epoch} epochs; "
+                f"{trainer.global_step} optimizer steps{applied}, {trainer.current_epoch} epochs; "
                 f"written {_dt.datetime.now().isoformat(timespec='seconds')}."
             )
             out.append("")
@@ -161,6 +165,9 @@ class EfficiencyReport(EfficiencySink):
                     f"| {row.technique} | {row.quantity} | {_human(row.baseline / count, row.unit)} | "
                     f"{_human(row.actual / count, row.unit)} | {row.ratio:.3f} | {100 * (1 - row.ratio):.1f}% |"
                 )
+            if any(row.quantity == INFERENCE_FLOPS for row in rows):
+                out += ["", f"{INFERENCE_FLOPS}: of the network at the end of training, the one you get; "
+                            f"lines \"{INFERENCE_FLOPS_AVERAGE}\" average over the training steps."]
         else:
             out.append("No technique reported a saving in this run.")
         out += ["", "## Training time", "", "| measured | value |", "|---|---|", f"| training steps timed | {self.steps} |"]

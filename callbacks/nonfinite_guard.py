@@ -41,16 +41,25 @@ class NonFiniteGuard(Callback):
     Args:
         max_consecutive: stop the run with a `StackError` when this many optimizer steps in a row
             had non-finite gradients (the run has diverged); 0 stops on the first one.
+        max_skipped_fraction: a run that finishes having skipped more than this fraction of its
+            optimizer steps is not the planned run: `stacktrain.cli` exits with status 3 (not 0),
+            after the summary line that says how many were skipped.
     """
 
-    def __init__(self, max_consecutive: int = 10) -> None:
+    def __init__(self, max_consecutive: int = 10, max_skipped_fraction: float = 0.1) -> None:
         require_number(max_consecutive, "max_consecutive", source=type(self).__name__, low=0, integer=True,
                        fix="use an integer such as 10 (0 stops on the first non-finite gradient)")
+        require_number(max_skipped_fraction, "max_skipped_fraction", source=type(self).__name__, low=0.0, high=1.0)
         self.max_consecutive = max_consecutive
+        self.max_skipped_fraction = float(max_skipped_fraction)
         self.skipped_steps = 0
         self.consecutive = 0
         #: whether the step's micro-batch losses were all finite, as a tensor: read only on a skip
         self._loss_finite: torch.Tensor | None = None
+
+    def too_many_skipped(self, steps: int) -> bool:
+        """Whether more than ``max_skipped_fraction`` of ``steps`` optimizer steps were skipped."""
+        return self.skipped_steps > self.max_skipped_fraction * max(steps, 0)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Last among the callbacks, so that techniques reading the gradients before the step

@@ -28,8 +28,10 @@ from stacktrain.functional.flops import forward_flops
 from stacktrain.stack import (
     FLOPS_PER_STEP,
     INFERENCE_FLOPS,
+    INFERENCE_FLOPS_AVERAGE,
     STACK_ORDER,
     Technique,
+    batch_size_of,
     notify_parameters_replaced,
     run_dir,
     step_generator,
@@ -251,9 +253,27 @@ class PruneRegrow(Technique):
         )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.active or self.schedule is not None:
+        """Plan exploration over this run's length. A run resumed with another length (``--ckpt_path``
+        with a larger ``max_epochs`` / ``max_steps``) whose exploration is not over is re-planned: T_max
+        becomes ``explore_until`` of the new length, so exploration covers the same fraction of the
+        longer run (progress ``step / T_max`` continues from the checkpoint's step on the new length).
+        Once exploration is over (masks final, or the network compacted) the masks stay as they are."""
+        if not self.active:
             return
         total = trainer.estimated_stepping_batches
+        if self.schedule is not None and (not math.isfinite(total) or int(total) == self.schedule["total_steps"]):
+            return
+        if self.schedule is not None and (self.compacted or trainer.global_step > self.schedule["t_max"]):
+            self.schedule["total_steps"] = int(total)
+            return
+        previous = self.schedule
+        self.schedule = None
+        self._plan_schedule(trainer, total)
+        if previous is not None:
+            rank_zero_info(f"stacktrain: PruneRegrow: exploration re-planned for {self.schedule['total_steps']} steps "
+                           f"(T_max {previous['t_max']} -> {self.schedule['t_max']}) at step {trainer.global_step}")
+
+    def _plan_schedule(self, trainer: Trainer, total: float) -> None:
         if not math.isfinite(total):
             raise StackError(
                 "needs the length of training to schedule exploration (T_max), which is unknown",
@@ -412,12 +432,15 @@ class PruneRegrow(Technique):
             for name, width in zip(self.group_names, self.history[-1]["widths"]):
                 self.log_metric(pl_module, f"width/{name}", float(width))
             self._pending_widths = False
-        batch_size = _batch_size(batch)
+        batch_size = batch_size_of(batch)
         training = self.compact_flops if self.compacted else self.dense_flops
         self.report_cost(trainer, FLOPS_PER_STEP, unit="FLOP",
                          baseline=TRAIN_FLOPS_PER_FORWARD * self.dense_flops * batch_size,
                          actual=TRAIN_FLOPS_PER_FORWARD * training * batch_size)
-        self.report_cost(trainer, INFERENCE_FLOPS, unit="FLOP", baseline=self.dense_flops, actual=network)
+        # what the user gets: the network as it is now (at the end of fit, the final one)...
+        self.report_cost(trainer, INFERENCE_FLOPS, unit="FLOP", baseline=self.dense_flops, actual=network, replace=True)
+        # ...and, labelled as such, the average over training (wider while exploring)
+        self.report_cost(trainer, INFERENCE_FLOPS_AVERAGE, unit="FLOP", baseline=self.dense_flops, actual=network)
 
     def _log_width_table(self, trainer: Trainer) -> None:
         for logger in trainer.loggers:
@@ -521,12 +544,3 @@ def _common_ancestor(names: list[str]) -> str:
         common = common[:-1]
     return ".".join(common)
 
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return 1

@@ -19,7 +19,8 @@ from torchvision.transforms import v2
 
 from stacktrain.errors import StackError, require_number
 
-__all__ = ["ImageDataModule", "TensorImageDataset", "EpochSampler", "SeededSamples", "image_transform"]
+__all__ = ["ImageDataModule", "TensorImageDataset", "EpochSampler", "SeededSamples", "image_transform",
+           "stateful_train_loader"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -155,6 +156,32 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
+def stateful_train_loader(
+    dataset: Dataset, *, trainer: Any, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False,
+    collate_fn: Any = None, drop_incomplete_batch: bool | None = None,
+) -> StatefulDataLoader:
+    """The training loader of every stacktrain data module (one builder, so none of them forgets a part
+    that exact resume needs): an `EpochSampler` split over the trainer's ranks that knows the batch
+    size and whether an incomplete last batch is dropped (how it tells, on resume, that a saved
+    position was an epoch's end), a ``StatefulDataLoader`` whose position Lightning checkpoints, and
+    worker seeds from ``seed`` rather than from the global generator (see `ExactResume`).
+
+    ``drop_incomplete_batch`` defaults to dropping it whenever each rank gets at least one full batch."""
+    distributed = trainer is not None and trainer.world_size > 1
+    sampler = EpochSampler(
+        dataset, num_replicas=trainer.world_size if distributed else 1,
+        rank=trainer.global_rank if distributed else 0, shuffle=True, seed=seed,
+    )
+    drop = len(sampler) >= batch_size if drop_incomplete_batch is None else bool(drop_incomplete_batch)
+    sampler.batch_size, sampler.drop_incomplete_batch = batch_size, drop
+    extra = {"collate_fn": collate_fn} if collate_fn is not None else {}
+    return StatefulDataLoader(
+        dataset, sampler=sampler, batch_size=batch_size, drop_last=drop, num_workers=num_workers,
+        persistent_workers=num_workers > 0, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed), **extra,
+    )
+
+
 class ImageDataModule(LightningDataModule):
     """Base of the image-classification data modules: argument checks and data loaders.
 
@@ -207,18 +234,9 @@ class ImageDataModule(LightningDataModule):
             # A plain loader: every evaluation starts from the first batch. A stateful one would let
             # Lightning resume an evaluation cut short by limit_val_batches where it stopped.
             return DataLoader(dataset, shuffle=False, **common)
-        trainer = self.trainer
-        distributed = trainer is not None and trainer.world_size > 1
-        sampler = EpochSampler(
-            dataset, num_replicas=trainer.world_size if distributed else 1,
-            rank=trainer.global_rank if distributed else 0, shuffle=True, seed=self.seed,
-        )
-        sampler.batch_size, sampler.drop_incomplete_batch = self.batch_size, len(sampler) >= self.batch_size
-        return StatefulDataLoader(
-            SeededSamples(dataset, self.seed, self.random_transforms), sampler=sampler,
-            drop_last=sampler.drop_incomplete_batch,
-            # worker base seeds from here, not from the global generator (see ExactResume)
-            generator=torch.Generator().manual_seed(self.seed), **common,
+        return stateful_train_loader(
+            SeededSamples(dataset, self.seed, self.random_transforms), trainer=self.trainer,
+            batch_size=self.batch_size, num_workers=self.num_workers, seed=self.seed, pin_memory=self.pin_memory,
         )
 
     def train_dataloader(self) -> StatefulDataLoader:

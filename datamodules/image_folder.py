@@ -23,6 +23,12 @@ _CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-pytho
 _SPLIT_DIRS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
 
+def _is_image(filename: str) -> bool:
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return filename.lower().endswith(IMG_EXTENSIONS)
+
+
 def _split_dir(root: str, split: str) -> str | None:
     for name in _SPLIT_DIRS[split]:
         path = os.path.join(root, name)
@@ -149,7 +155,17 @@ class ImageFolderDataModule(ImageDataModule):
     def _folder(self, path: str, transform) -> Dataset:
         from torchvision.datasets import ImageFolder
 
-        dataset = ImageFolder(path, transform=transform)
+        try:
+            dataset = ImageFolder(path, transform=transform)
+        except FileNotFoundError as error:  # torchvision: "Found no valid file for the classes ..."
+            empty = [name for name in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, name))
+                     and not any(_is_image(f) for _, _, files in os.walk(os.path.join(path, name)) for f in files)]
+            raise StackError(
+                f"has class folders without a single image: {', '.join(empty[:5]) or error}"
+                f"{f' (+{len(empty) - 5} more)' if len(empty) > 5 else ''}",
+                source=type(self).__name__, key="data.init_args.root", value=path,
+                fix="put images (.jpg, .jpeg, .png, .bmp, .tif, .webp ...) in every class folder, or remove the empty ones",
+            ) from None
         if dataset.classes != self.class_names:
             raise StackError(
                 f"has classes {dataset.classes[:5]}... but the training folder has {self.class_names[:5]}...",

@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 from stacktrain.errors import StackError, require_number
 
-from .base import EpochSampler, ImageDataModule, SeededSamples
+from .base import ImageDataModule, SeededSamples, stateful_train_loader
 
 __all__ = ["MultiViewDataModule", "MultiViewDataset", "RandomIntensity", "ssl_view_transform"]
 
@@ -178,17 +178,9 @@ class MultiViewDataModule(LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         base = self.base
         dataset = MultiViewDataset(base.train_set, self.view_transforms())  # type: ignore[arg-type]
-        trainer = self.trainer
-        distributed = trainer is not None and trainer.world_size > 1
-        sampler = EpochSampler(
-            dataset, num_replicas=trainer.world_size if distributed else 1,
-            rank=trainer.global_rank if distributed else 0, shuffle=True, seed=base.seed,
-        )
-        return StatefulDataLoader(
-            SeededSamples(dataset, base.seed, random=True), sampler=sampler, batch_size=base.batch_size,
-            drop_last=len(sampler) >= base.batch_size, num_workers=base.num_workers,
-            persistent_workers=base.num_workers > 0, pin_memory=base.pin_memory,
-            generator=torch.Generator().manual_seed(base.seed),
+        return stateful_train_loader(
+            SeededSamples(dataset, base.seed, random=True), trainer=self.trainer, batch_size=base.batch_size,
+            num_workers=base.num_workers, seed=base.seed, pin_memory=base.pin_memory,
         )
 
     def bank_dataloader(self) -> StatefulDataLoader:

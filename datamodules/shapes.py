@@ -31,7 +31,7 @@ from torchvision.transforms import v2
 
 from stacktrain.errors import StackError, require_number
 
-from .base import EpochSampler, ImageDataModule, TensorImageDataset
+from .base import ImageDataModule, TensorImageDataset, stateful_train_loader
 
 __all__ = [
     "SHAPES",
@@ -347,22 +347,17 @@ class ShapesTextDataModule(LightningDataModule):
         self.val_set = ShapeSamples(self.val_size, split=SPLIT_IDS["pretrain_val"], **common)
 
     def train_dataloader(self) -> StatefulDataLoader:
-        trainer = self.trainer
-        distributed = trainer is not None and trainer.world_size > 1
-        sampler = EpochSampler(self.train_set, num_replicas=trainer.world_size if distributed else 1,
-                               rank=trainer.global_rank if distributed else 0, shuffle=True, seed=self.seed)
-        sampler.batch_size, sampler.drop_incomplete_batch = self.batch_size, True
-        if len(sampler) < self.batch_size:
+        loader = stateful_train_loader(
+            self.train_set, trainer=self.trainer, batch_size=self.batch_size, num_workers=self.num_workers,
+            seed=self.seed, collate_fn=_collate_captions, drop_incomplete_batch=True,
+        )
+        if len(loader.sampler) < self.batch_size:
             raise StackError(
-                f"gives each process {len(sampler)} samples per epoch, less than one batch of {self.batch_size}",
+                f"gives each process {len(loader.sampler)} samples per epoch, less than one batch of {self.batch_size}",
                 source=type(self).__name__, key="data.init_args.train_size", value=self.train_size,
                 fix="raise train_size or lower batch_size",
             )
-        return StatefulDataLoader(
-            self.train_set, sampler=sampler, batch_size=self.batch_size, drop_last=True, collate_fn=_collate_captions,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
+        return loader
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_size:

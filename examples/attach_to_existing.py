@@ -86,9 +86,10 @@ def small_cnn() -> nn.Module:
                          block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
 
 
-def fit(net: nn.Module, callbacks: list[pl.Callback], steps: int) -> float:
+def fit(net: nn.Module, callbacks: list[pl.Callback], steps: int, root: str) -> float:
     train, val = digits_loaders()
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
+                         default_root_dir=root,  # the techniques' plots land here, not in the current directory
                          enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
                          val_check_interval=min(steps, len(train)), num_sanity_val_steps=0)
     trainer.fit(Classifier(net), train, val)
@@ -99,19 +100,20 @@ def fit(net: nn.Module, callbacks: list[pl.Callback], steps: int) -> float:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per model")
+    parser.add_argument("--root", default="runs/attach_to_existing", help="where the techniques write their plots")
     args = parser.parse_args(argv)
     pl.seed_everything(0)
 
     vit_accuracy = fit(small_vit(), [
         TokenDropout(keep_ratio=0.5),                       # drop half of the ViT's patch tokens in training
         GradientQuantization(bits=4),                       # 4-bit backward (and 4-bit DDP all-gather if asked)
-    ], args.steps)
+    ], args.steps, args.root)
 
     prune = PruneRegrow(target_flops_ratio=0.5, update_unit="step", update_every=max(1, args.steps // 10))
     cnn_accuracy = fit(small_cnn(), [
         prune,                                              # CHEX: prune and regrow channels under half the FLOPs
         GradientQuantization(bits=4),
-    ], args.steps)
+    ], args.steps, args.root)
 
     widths = prune.history[-1]["widths"] if prune.history else []
     print(f"ViT + TokenDropout + GradientQuantization: val/acc {vit_accuracy:.3f}")

@@ -31,6 +31,11 @@ class WandbLogger(_LightningWandbLogger):
         elif offline is False and os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
             os.environ.pop("WANDB_MODE")  # the config asked for online explicitly
         super().__init__(project=project, save_dir=save_dir, offline=offline, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)  # W&B warns on every run that the setting does nothing
+        settings = self._wandb_init.get("settings")
+        if settings is None:  # git information from the current directory; W&B warned "git root runs does not exist"
+            self._wandb_init["settings"] = {"git_root": os.getcwd()}
 
 
 def start_loggers(trainer: Trainer) -> list[str]:

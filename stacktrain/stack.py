@@ -43,19 +43,25 @@ __all__ = [
     "run_dir",
     "unique_path",
     "step_generator",
+    "batch_size_of",
     "compile_for_stack",
     "is_compiled",
     "FLOPS_PER_STEP",
     "TOKENS_PER_SAMPLE",
     "BYTES_PER_STEP",
     "INFERENCE_FLOPS",
+    "INFERENCE_FLOPS_AVERAGE",
 ]
 
 # The quantities techniques report. Free-form names work too; these keep the report's rows aligned.
 FLOPS_PER_STEP = "train FLOPs/step"
 TOKENS_PER_SAMPLE = "tokens/sample"
 BYTES_PER_STEP = "communicated bytes/step"
+#: of the network at the end of training (what the user gets); a technique whose network changes
+#: during training reports it with ``replace=True``, and its average over training as
+#: `INFERENCE_FLOPS_AVERAGE`
 INFERENCE_FLOPS = "inference FLOPs/sample"
+INFERENCE_FLOPS_AVERAGE = "inference FLOPs/sample, average over training"
 
 
 @dataclass
@@ -393,6 +399,17 @@ def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> 
     generator = torch.Generator(device=device)
     generator.manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
     return generator
+
+
+def batch_size_of(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (in tuples, lists, dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_size_of(batch[0])
+    if isinstance(batch, dict) and batch:
+        return batch_size_of(next(iter(batch.values())))
+    return 1
 
 
 def is_compiled(module: torch.nn.Module) -> bool:

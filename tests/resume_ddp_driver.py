@@ -25,6 +25,7 @@ import glob
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import CONFIGS, TINY_VIT  # noqa: E402
 from ddp_harness import drive, technique_states  # noqa: E402
-from resume_harness import StopAt  # noqa: E402
+from resume_harness import SignalAt, StopAt  # noqa: E402
 from stack_matrix_driver import cnn_classifier, cnn_early_exit, digest, digits, prompt_tuned, shapes  # noqa: E402
-from stacktrain.callbacks import ExactResume, GradientQuantization, PruneRegrow, TokenDropout  # noqa: E402
+from stacktrain.callbacks import ExactResume, GradientQuantization, PruneRegrow, RunGuard, TokenDropout  # noqa: E402
 from stacktrain.cli import StackCLI  # noqa: E402
-from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
+from stacktrain.datamodules import DigitsDataModule, MultiViewDataModule  # noqa: E402
+from stacktrain.lightning_modules import ImageClassifier, SimCLR  # noqa: E402
 
 #: Options that shorten a run without changing what it does, for the config-built stacks.
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
@@ -56,6 +58,11 @@ class Scenario:
     stop_at: int
     #: (clip weights, total steps, workdir, seed) -> (module, data, trainer without the stop/checkpoint callbacks)
     build: Callable[[str, int, Path, int], tuple[LightningModule, LightningDataModule, Trainer]]
+    #: the stopped run is planned for ``stop_at`` steps and resumed for ``total`` (extending a run): the
+    #: resumed run is compared with one planned for ``total`` where the schedules must agree, not bitwise
+    extend: bool = False
+    #: the run is stopped by a SIGTERM to rank 0 alone after ``stop_at`` (`RunGuard` stops every rank there)
+    sigterm: bool = False
 
 
 # --------------------------------------------------------------------------- techniques alone (Python)
@@ -79,6 +86,16 @@ def python_run(module: Callable[[str], LightningModule], data: Callable[[], Ligh
 def vit_with_dropout(clip: str) -> ImageClassifier:
     # dropout draws from the global generator on each rank: ExactResume must restore every rank's state
     return ImageClassifier("vit_tiny_patch16_224", in_chans=1, model_kwargs={**TINY_VIT, "drop_rate": 0.1})
+
+
+def simclr_one_cycle(clip: str) -> SimCLR:
+    return SimCLR(model_name="vit_tiny_patch16_224", in_chans=1, model_kwargs=TINY_VIT, hidden_dim=32,
+                  lr_scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=3e-3))
+
+
+def two_views_two_workers() -> MultiViewDataModule:
+    # 1257 digits: 628 per rank, 2 full batches of 256 an epoch (the rest dropped)
+    return MultiViewDataModule(DigitsDataModule(batch_size=256, num_workers=2))
 
 
 # --------------------------------------------------------------------------- stacks (their configs)
@@ -122,6 +139,15 @@ SCENARIOS: dict[str, Scenario] = {
         limit_val_batches=1)),
     "PromptTunedCLIP": Scenario(6, 3, python_run(
         lambda clip: prompt_tuned(clip, label_noise=0.25, loss="gce"), shapes, list)),
+    # the contrastive configs' loader with 2 workers, stopped on epoch 0's last batch: epoch 1 is not skipped
+    "MultiViewWorkers": Scenario(4, 2, python_run(
+        simclr_one_cycle, two_views_two_workers, lambda: [TokenDropout(keep_ratio=0.5), RunGuard()])),
+    # planned for 2 steps, extended to 4: OneCycleLR and the token-dropout progress re-planned (2 workers)
+    "ExtendedRun": Scenario(4, 2, python_run(
+        simclr_one_cycle, two_views_two_workers,
+        lambda: [TokenDropout(keep_ratio=0.5, schedule="step", until=0.5), RunGuard()]), extend=True),
+    # SIGTERM to rank 0 alone after step 3: both ranks stop there, the checkpoint resumes exactly on both
+    "SIGTERM": Scenario(6, 3, python_run(vit_with_dropout, digits, lambda: [RunGuard()]), sigterm=True),
     "stack_vit": Scenario(6, 3, config_run("stack_vit", None, "--trainer.limit_val_batches", "0")),
     # exploration updates at steps 0 and 2, compaction at 4 (after the resume)
     "stack_cnn": Scenario(8, 3, config_run("stack_cnn", explore_every_two_steps, "--trainer.limit_val_batches", "0")),
@@ -143,6 +169,7 @@ def end_state(trainer: Trainer, module: LightningModule) -> dict[str, Any]:
         "tensors": {k: digest(v)[:16] for k, v in module.state_dict().items()},
         "techniques": {name: {k: digest(v)[:16] for k, v in state.items()} for name, state in techniques.items()},
         "optimizer": digest(optimizer.get("state", {})),
+        "lr": [group["lr"] for group in trainer.optimizers[0].param_groups] if trainer.optimizers else [],
     }
 
 
@@ -154,10 +181,18 @@ def run_scenario(name: str, clip: str, workdir: Path) -> dict[str, Any]:
     uninterrupted = end_state(trainer, module)
 
     checkpoints = workdir / "stopped"
-    module, data, trainer = scenario.build(clip, scenario.total, workdir, 0)
-    trainer.callbacks.extend([ModelCheckpoint(dirpath=str(checkpoints), every_n_train_steps=scenario.stop_at,
-                                              save_top_k=-1), StopAt(scenario.stop_at)])
-    trainer.fit(module, data)
+    module, data, trainer = scenario.build(clip, scenario.stop_at if scenario.extend else scenario.total, workdir, 0)
+    if scenario.sigterm:
+        trainer.callbacks.insert(0, SignalAt(scenario.stop_at, only_rank=0))  # before RunGuard: stops at this step
+        try:
+            trainer.fit(module, data)
+        except SystemExit:  # Lightning's SIGTERMException
+            pass
+        checkpoints = workdir / "checkpoints"  # RunGuard's: <run dir>/checkpoints without a ModelCheckpoint
+    else:
+        trainer.callbacks.extend([ModelCheckpoint(dirpath=str(checkpoints), every_n_train_steps=scenario.stop_at,
+                                                  save_top_k=-1), StopAt(scenario.stop_at)])
+        trainer.fit(module, data)
     stopped_at = trainer.global_step
     (checkpoint,) = glob.glob(str(checkpoints / f"*step={scenario.stop_at}*.ckpt"))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,20 @@ class StopAt(Callback):
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class SignalAt(Callback):
+    """Sends ``signal_name`` to this process after optimizer step ``step``, as a scheduler's SIGTERM
+    or a Ctrl-C would arrive; under DDP to every rank, or to ``only_rank`` alone."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM", only_rank: int | None = None) -> None:
+        self.step = step
+        self.signal_name = signal_name
+        self.only_rank = only_rank
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step and self.only_rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
 
 
 def stop_and_resume(

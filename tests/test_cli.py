@@ -28,6 +28,8 @@ def run_dir_from(stdout: str) -> str:
 def test_quickstart_fit_end_to_end(tmp_path):
     result = check(run_cli(["fit", "--config", QUICKSTART, *FAST], workdir=tmp_path))
     assert re.search(r"stacktrain: fit finished after 5 steps: val/acc=0\.\d{4}, val/loss=", result.stdout)
+    for noise in ("deprecated", "anonymous setting", "git root", "Tip:"):  # nothing a user can act on
+        assert noise not in result.stderr, noise
     directory = tmp_path / run_dir_from(result.stdout)
     assert directory.parent == tmp_path / "runs" / "stacktrain"
     assert (directory / "config.yaml").read_text().count("vit_tiny_patch16_224") == 1
@@ -160,7 +162,7 @@ def test_top_level_optimizer_options_work(tmp_path):
     assert cli.trainer.global_step == 2
 
 
-def test_config_of_an_earlier_run_is_never_overwritten(tmp_path):
+def test_config_of_an_earlier_run_is_never_overwritten(tmp_path, capsys):
     args = ["fit", "--config", QUICKSTART, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
             "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
             "--trainer.logger.version", "fixed"]
@@ -171,6 +173,7 @@ def test_config_of_an_earlier_run_is_never_overwritten(tmp_path):
         main(args)
     assert info.value.code == 2
     assert saved.read_text() == before
+    assert f"stacktrain: error: config file='{saved}' already exists" in capsys.readouterr().err  # one prefix
 
 
 def test_wandb_failing_to_start_falls_back_to_csv(tmp_path):

@@ -29,6 +29,8 @@ def test_attach_to_existing_project_adds_each_callback_in_one_line(tmp_path):
     assert "ViT + TokenDropout + GradientQuantization: val/acc" in result.stdout
     assert "CNN + PruneRegrow + GradientQuantization: val/acc" in result.stdout
     assert "FLOPs ratio" in result.stdout
+    assert not list(tmp_path.glob("*.png")), "plots go under --root, not into the current directory"
+    assert list((tmp_path / "runs" / "attach_to_existing").glob("prune_regrow_widths*.png"))
 
 
 def test_functional_api_without_a_trainer(tmp_path):

@@ -4,6 +4,7 @@ datamodules from outside the repository, and no top-level `callbacks` or `datamo
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -52,7 +53,12 @@ def test_install_from_outside_the_repository(tmp_path, editable):
                "--no-index", "-q"]
     command += ["-e", str(REPO)] if editable else [str(REPO)]
     env = dict(os.environ, PIP_NO_INDEX="1")
-    subprocess.run(command, check=True, cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    built_before = (REPO / "build").exists()
+    try:
+        subprocess.run(command, check=True, cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    finally:  # a regular install builds in the source tree: leave the repository as it was
+        if not built_before:
+            shutil.rmtree(REPO / "build", ignore_errors=True)
     probe = subprocess.run([python, "-c", PROBE], cwd=outside, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     found = json.loads(probe.stdout.strip().splitlines()[-1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS
-from ddp_harness import assert_states_equal, check, load_rank_states, run_ddp
+from ddp_harness import assert_states_equal, load_rank_states, run_ddp
 from stacktrain.lightning_modules import ImageClassifier
 
 pytestmark = pytest.mark.ddp
@@ -21,12 +21,17 @@ class NaNLossOnRankOne(ImageClassifier):
 
 
 def test_a_nan_loss_on_one_rank_is_skipped_on_every_rank(tmp_path):
-    result = check(run_ddp(
+    """...and the run, which skipped 1 of its 3 steps (more than max_skipped_fraction 0.1), exits with
+    status 3 on both processes after saying so, not 0."""
+    result = run_ddp(
         ["fit", "--config", str(CONFIGS / "quickstart.yaml"),
          "--model.class_path", "test_nonfinite_guard_ddp.NaNLossOnRankOne", "--trainer.max_steps", "3",
          "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"],
         workdir=tmp_path, dump_dir=tmp_path / "ranks",
-    ))
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "stacktrain: fit finished after 3 steps (1 of them skipped by NonFiniteGuard" in result.stdout
+    assert "stacktrain: error: NonFiniteGuard skipped 1 of 3 optimizer steps" in result.stderr
     assert "non-finite loss and gradients at step 1: optimizer step skipped" not in result.stderr  # rank 0: loss finite
     assert "non-finite gradients at step 1: optimizer step skipped, gradients not applied (1 skipped so far" in result.stderr
     rank0, rank1 = load_rank_states(tmp_path / "ranks", 2)

@@ -24,7 +24,7 @@ from stacktrain.datamodules import DigitsDataModule
 from stacktrain.errors import StackError
 from stacktrain.functional.flops import forward_flops
 from stacktrain.lightning_modules import ImageClassifier
-from stacktrain.stack import FLOPS_PER_STEP, INFERENCE_FLOPS
+from stacktrain.stack import FLOPS_PER_STEP, INFERENCE_FLOPS, INFERENCE_FLOPS_AVERAGE
 
 MODEL = "test_resnet"  # timm's 0.4M-parameter ResNet: basic and bottleneck blocks, tiered stem
 
@@ -88,7 +88,12 @@ def test_exploration_regrows_and_lands_on_the_flops_budget(tmp_path):
     assert len(fractions) > 2
     lines = {quantity: line for (technique, quantity), line in report.lines.items() if technique == "prune_regrow"}
     assert lines[FLOPS_PER_STEP].ratio == 1.0  # masked training computes the dense network
-    assert lines[INFERENCE_FLOPS].ratio < 1.0
+    # inference FLOPs: the final network's (what the user gets), the training average labelled as such
+    assert lines[INFERENCE_FLOPS].ratio == pytest.approx(history[-1]["flops_ratio"])
+    assert lines[INFERENCE_FLOPS_AVERAGE].ratio > lines[INFERENCE_FLOPS].ratio
+    text = report.markdown()
+    assert f"| prune_regrow | {INFERENCE_FLOPS} |" in text and f"| prune_regrow | {INFERENCE_FLOPS_AVERAGE} |" in text
+    assert "of the network at the end of training" in text
     assert os.path.isfile(tmp_path / "prune_regrow_widths.png")
 
 
@@ -298,3 +303,31 @@ def test_export_rebuilds_a_module_saved_through_the_cli():
     module = _rebuild_module({"module_class": "stacktrain.lightning_modules.classifier.ImageClassifier"},
                              {"hyper_parameters": hparams})
     assert isinstance(module, ImageClassifier) and module.hparams.model_name == MODEL
+
+
+def test_an_extended_run_replans_exploration_over_its_new_length(tmp_path):
+    """A run planned for 8 steps (T_max 6), checkpointed at step 4 mid-exploration and resumed for 16:
+    exploration is re-planned over the new length (T_max 12) and goes on to it; the OneCycleLR
+    schedule is re-planned too (`RunGuard`), instead of raising after the first batch."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from stacktrain.callbacks import RunGuard
+
+    def explorer():
+        return PruneRegrow(target_flops_ratio=0.5, update_every=2, update_unit="step", explore_until=0.75)
+
+    saver = ModelCheckpoint(dirpath=str(tmp_path / "ck"), every_n_train_steps=4, save_top_k=-1)
+    first = explorer()
+    fit([first, saver], 8, tmp_path, enable_checkpointing=True)
+    assert first.schedule == {"total_steps": 8, "t_max": 6, "interval": 2}
+    checkpoint = str(next((tmp_path / "ck").glob("*step=4*.ckpt")))
+    longer, guard = explorer(), RunGuard()
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=16, limit_val_batches=0, num_sanity_val_steps=0,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[longer, guard])
+    trainer.fit(make_module(), make_data(), ckpt_path=checkpoint)
+    assert trainer.global_step == 16
+    assert longer.schedule == {"total_steps": 16, "t_max": 12, "interval": 2}
+    assert [h["step"] for h in longer.history] == [0, 2, 4, 6, 8, 10, 12]
+    assert 0.475 <= longer.history[-1]["flops_ratio"] <= 0.5
+    assert guard.replanned == ["OneCycleLR re-planned from 8 to 16 steps at step 4"]
