@@ -54,6 +54,8 @@ class ChannelGroup:
     num_units: int
     unit_channels: int
     slices: list[ChannelSlice] = field(default_factory=list)
+    #: more than one (non-depthwise) layer writes these channels: a residual stream joined by adds
+    residual: bool = False
 
     @property
     def channels(self) -> int:
@@ -123,6 +125,7 @@ def find_channel_groups(
     ignore: Sequence[str] = (),
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     graph: Any = None,
+    prune_residual: bool = True,
 ) -> list[ChannelGroup]:
     """The prunable channel groups of ``model``, each rooted at a convolution, in module order.
 
@@ -130,6 +133,8 @@ def find_channel_groups(
     head), when it contains a layer this module cannot mask exactly (LayerNorm, GroupNorm,
     attention, transposed convolutions, bare parameters), or when one of its producing layers
     matches a pattern in ``ignore`` (``fnmatch`` on module names, e.g. ``"model.head*"``).
+    ``prune_residual=False`` also leaves out the residual streams (groups several layers write, as
+    the adds of a ResNet join them), as the CHEX reference does: only the blocks' inner widths shrink.
     """
     graph = graph or trace_dependency_graph(model, example_inputs, forward_fn)
     names = {module: name for name, module in model.named_modules()}
@@ -141,6 +146,8 @@ def find_channel_groups(
         if described is not None:
             groups.append(described)
     groups = _consistent(groups, model)
+    if not prune_residual:
+        groups = [g for g in groups if not g.residual]
     groups.sort(key=lambda g: order.get(g.name, len(order)))
     return groups
 
@@ -174,6 +181,7 @@ def _describe_group(group: Any, graph: Any, names: dict[nn.Module, str]) -> Chan
     channels = len(group[0].idxs)
     raw: list[tuple[str, str, int, list[int], list[int], str]] = []  # module, param, dim, positions, channels, role
     conv_groups = 1
+    writers: set[str] = set()  # layers (not depthwise) whose outputs are these channels
     for item in group.items:
         dep = item.dep
         target = dep.target
@@ -199,6 +207,8 @@ def _describe_group(group: Any, graph: Any, names: dict[nn.Module, str]) -> Chan
                 return None
             depthwise = module.groups == module.out_channels and module.out_channels > 1
             if depthwise or is_out:
+                if not depthwise:
+                    writers.add(name)
                 if module.groups > 1 and not depthwise:
                     conv_groups = math.lcm(conv_groups, module.groups)
                 raw.append((name, "weight", 0, plain, roots, "producer"))
@@ -214,6 +224,7 @@ def _describe_group(group: Any, graph: Any, names: dict[nn.Module, str]) -> Chan
                 raw.append((name, "weight", 1, plain, roots, "consumer"))
         elif isinstance(module, nn.Linear):
             if is_out:
+                writers.add(name)
                 raw.append((name, "weight", 0, plain, roots, "producer"))
                 if module.bias is not None:
                     raw.append((name, "bias", 0, plain, roots, "producer"))
@@ -246,4 +257,4 @@ def _describe_group(group: Any, graph: Any, names: dict[nn.Module, str]) -> Chan
         slices.append(ChannelSlice(name, param, dim, pairs[:, 1].reshape(num_units, -1).contiguous(), role))
     if not any(s.role == "producer" and s.param == "weight" for s in slices):
         return None
-    return ChannelGroup(root_name, num_units, conv_groups, slices)
+    return ChannelGroup(root_name, num_units, conv_groups, slices, residual=len(writers) > 1)

@@ -86,9 +86,12 @@ class ChannelPlan:
         ignore: Sequence[str] = (),
         minimum_ratio: float = 0.05,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        prune_residual: bool = True,
     ) -> "ChannelPlan":
-        """Trace ``model`` once for its groups and once with the flop counter for its layer FLOPs."""
-        groups = find_channel_groups(model, example_inputs, ignore=ignore, forward_fn=forward_fn)
+        """Trace ``model`` once for its groups and once with the flop counter for its layer FLOPs
+        (``prune_residual=False``: residual streams stay whole, see `find_channel_groups`)."""
+        groups = find_channel_groups(model, example_inputs, ignore=ignore, forward_fn=forward_fn,
+                                     prune_residual=prune_residual)
         inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
         per_module = flops_by_module(model, *inputs)
         prefix = type(model).__name__ + "."
