@@ -347,11 +347,17 @@ def test_benchmark_runs_in_small_mode(tmp_path):
     results = prune_regrow.main(["--small", "--out", str(tmp_path / "bench.json")])
     payload = json.loads((tmp_path / "bench.json").read_text())
     assert payload["benchmark"] == "prune_regrow" and set(payload["results"]) == set(results)
+    assert payload["prune_only"] == "gradual" and payload["settings"]["model"] == "test_resnet"
     for ratio in (0.5, 0.25):
-        assert abs(results[f"chex@{ratio}"]["flops_ratio"] - ratio) <= 0.05 * ratio
-        assert results[f"chex@{ratio}_masked"]["flops_ratio"] == 1.0  # masks only: the dense network
-        assert results[f"chex@{ratio}"]["infer_ms"] > 0
+        for kind in ("chex", "chex_whole_residual", "prune_only", "uniform"):
+            row = results[f"{kind}@{ratio}"]  # every variant lands on its budget, compacted
+            assert ratio - 0.1 * ratio <= row["flops_ratio"] <= ratio + 1e-9, (kind, ratio, row["flops_ratio"])
+        assert results[f"chex@{ratio}"]["infer_ms"] > 0 and results[f"chex@{ratio}"]["update_ms"] > 0
+    assert results["chex@0.5_masked"]["flops_ratio"] == 1.0  # masks only: the dense network
+    # uniform widths against the gradual global allocation: different networks at the same budget
+    assert results["uniform@0.25"]["widths"] is None and results["prune_only@0.25"]["widths"] is not None
     assert payload["markdown"] == prune_regrow.report(payload)  # the report rebuilds from the JSON alone
+    assert any(v["claim"].startswith("Gradual prune-only beats") for v in prune_regrow.verdicts(payload))
 
 
 def test_export_rebuilds_a_module_saved_through_the_cli():
