@@ -223,10 +223,11 @@ def test_attaches_in_one_line_to_a_module_without_forward_and_a_plain_loader(tmp
     assert callback.traced == "net" and callback.network == "net" and callback.example_shape == [1, 1, 16, 16]
     assert callback.group_names[0] == "conv1.0"  # names inside the traced network
     # updates at 0, 2 and T_max = 3; compacted there: the network really is about half as costly
-    assert [h["step"] for h in callback.history] == [0, 2, 3] and callback.compacted
+    assert [h["step"] for h in callback.history] == [0, 2, 3] and callback.compacted and callback.compacted_at == 3
     assert callback.dense_flops == dense
     assert 0.45 <= forward_flops(module.net, torch.zeros(1, 1, 16, 16)) / dense <= 0.5
     assert len(callback.update_ms) == 3 and all(ms > 0 for ms in callback.update_ms)
+    assert float(trainer.callback_metrics["prune_regrow/update_ms"]) == pytest.approx(callback.update_ms[-1], rel=1e-5)
 
 
 class TwoNets(LightningModule):
@@ -271,6 +272,8 @@ def test_two_candidate_networks_ask_for_module_name_before_the_first_batch(tmp_p
     (dict(update_unit="epochs"), "update_unit"),
     (dict(criterion="svd"), "criterion"),
     (dict(input_shape=[1, -16]), None),
+    (dict(prune_residual="no"), "prune_residual"),
+    (dict(module_name=""), "module_name"),
 ])
 def test_bad_settings_name_the_key(kwargs, key):
     with pytest.raises(StackError, match=f"PruneRegrow: {key or 'input_shape'}="):
