@@ -344,6 +344,29 @@ def test_export_loads_without_stacktrain_and_gives_the_masked_logits(tmp_path):
     assert errors["params"] < sum(p.numel() for p in module.model.parameters())
 
 
+def test_export_of_a_module_without_forward_traces_its_network(tmp_path):
+    """Traced on the first batch under ``net``: the export rebuilds the plan on that submodule."""
+    from prune_regrow_attach_driver import NetOnly, tensor_loader
+    from stacktrain import export_compact
+
+    seed_everything(0)
+    callback, module = PruneRegrow(target_flops_ratio=0.5, update_every=2, update_unit="step"), NetOnly()
+    trainer = Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                      callbacks=[callback])
+    trainer.fit(module, train_dataloaders=tensor_loader())
+    checkpoint = tmp_path / "net.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    assert load_checkpoint_weights_only(str(checkpoint))["callbacks"]["PruneRegrow"]["traced"] == "net"
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked = module.net.eval()(x)
+    result = export_compact(checkpoint, tmp_path / "export", module=NetOnly())
+    assert result["network"] == "net" and 0.45 <= result["compact_flops"] / result["dense_flops"] <= 0.5
+    compact = torch.export.load(result["program"]).module()
+    assert torch.allclose(compact(x), masked, atol=1e-4)
+
+
 def test_benchmark_runs_in_small_mode(tmp_path):
     from benchmarks import prune_regrow
 
