@@ -529,31 +529,6 @@ def _resize_for_compact_checkpoint(module: nn.Module, state_dict: dict[str, Any]
         resize_modules(module, config, local)
 
 
-def _common_ancestor(names: list[str]) -> str:
-    parts = [name.split(".") for name in names if name]
-    if not parts:
-        return ""
-    common = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    # the ancestor is a module, not a parameter's leaf: drop a full name shared by all
-    if common and all(len(p) == len(common) for p in parts):
-        common = common[:-1]
-    return ".".join(common)
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, (list, tuple)) and batch:
-        return _batch_size(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return 1
-
-
 def _convolutions(module: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
@@ -595,3 +570,27 @@ def _first_input(batch: Any) -> torch.Tensor | None:
             return found
     return None
 
+
+def _common_ancestor(names: list[str]) -> str:
+    parts = [name.split(".") for name in names if name]
+    if not parts:
+        return ""
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    # the ancestor is a module, not a parameter's leaf: drop a full name shared by all
+    if common and all(len(p) == len(common) for p in parts):
+        common = common[:-1]
+    return ".".join(common)
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_size(batch[0])
+    if isinstance(batch, dict) and batch:
+        return _batch_size(next(iter(batch.values())))
+    return 1

@@ -280,6 +280,28 @@ def test_bad_settings_name_the_key(kwargs, key):
         PruneRegrow(**kwargs)
 
 
+def test_checkpoint_metadata_is_one_versioned_schema(tmp_path):
+    """The callback's state and `export_compact` read the same `ChexMeta`; another version is refused."""
+    from stacktrain.export import export_compact
+
+    explorer = PruneRegrow(target_flops_ratio=0.5, update_every=2, update_unit="step", explore_until=0.5,
+                           prune_residual=False)
+    fit([explorer], 4, tmp_path)
+    state = explorer.state_dict()
+    meta = ChexMeta.from_dict(state)
+    assert meta.version == CHEX_META_VERSION == state["version"] == 2
+    assert meta.group_names == explorer.group_names and meta.prune_residual is False and meta.traced == ""
+    assert meta.input_shape == [1, 1, 16, 16] and meta.network == "model" and meta.dense_flops == explorer.dense_flops
+    assert ChexMeta.from_dict({**state, "version": 1}).group_names == meta.group_names  # version 1 still reads
+    with pytest.raises(StackError, match=r"PruneRegrow: version=3 of the PruneRegrow state is not one"):
+        PruneRegrow().load_state_dict({**state, "version": 3})
+    checkpoint = {"callbacks": {"PruneRegrow": {**state, "version": 7}}, "state_dict": {}, "hyper_parameters": {}}
+    path = tmp_path / "future.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(StackError, match=r"export_compact: version=7"):
+        export_compact(path, tmp_path / "out")
+
+
 # ------------------------------------------------------------------------------ resume and export
 @pytest.mark.parametrize("explore_until, stop_at", [(0.6, 5), (0.4, 7)], ids=["during-exploration", "after-compaction"])
 def test_stop_and_resume_is_exact(tmp_path, explore_until, stop_at):
@@ -396,25 +418,3 @@ def test_export_rebuilds_a_module_saved_through_the_cli():
     module = _rebuild_module(ChexMeta(module_class="stacktrain.lightning_modules.classifier.ImageClassifier"),
                              {"hyper_parameters": hparams})
     assert isinstance(module, ImageClassifier) and module.hparams.model_name == MODEL
-
-
-def test_checkpoint_metadata_is_one_versioned_schema(tmp_path):
-    """The callback's state and `export_compact` read the same `ChexMeta`; another version is refused."""
-    from stacktrain.export import export_compact
-
-    explorer = PruneRegrow(target_flops_ratio=0.5, update_every=2, update_unit="step", explore_until=0.5,
-                           prune_residual=False)
-    fit([explorer], 4, tmp_path)
-    state = explorer.state_dict()
-    meta = ChexMeta.from_dict(state)
-    assert meta.version == CHEX_META_VERSION == state["version"] == 2
-    assert meta.group_names == explorer.group_names and meta.prune_residual is False and meta.traced == ""
-    assert meta.input_shape == [1, 1, 16, 16] and meta.network == "model" and meta.dense_flops == explorer.dense_flops
-    assert ChexMeta.from_dict({**state, "version": 1}).group_names == meta.group_names  # version 1 still reads
-    with pytest.raises(StackError, match=r"PruneRegrow: version=3 of the PruneRegrow state is not one"):
-        PruneRegrow().load_state_dict({**state, "version": 3})
-    checkpoint = {"callbacks": {"PruneRegrow": {**state, "version": 7}}, "state_dict": {}, "hyper_parameters": {}}
-    path = tmp_path / "future.ckpt"
-    torch.save(checkpoint, path)
-    with pytest.raises(StackError, match=r"export_compact: version=7"):
-        export_compact(path, tmp_path / "out")
