@@ -263,9 +263,10 @@ def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
     uniform = payload.get("prune_only") != "gradual"  # JSONs before issue 18: a uniform thin network
     for ratio in (0.5, 0.25, 0.125) if uniform else (0.25, 0.125):
         chex, prune, thin = (results.get(f"{name}@{ratio}") for name in ("chex", "prune_only", "uniform"))
-        for better, worse, claim, paper in (
-            (chex, prune, f"CHEX beats pruning-only at {ratio} FLOPs", "CHEX ablation: regrowing beats prune-only"),
-            (prune, thin, f"Gradual prune-only beats a uniform thin network at {ratio} FLOPs",
+        for better, worse, claim, label, paper in (
+            (chex, prune, f"CHEX beats pruning-only at {ratio} FLOPs", "CHEX - prune-only",
+             "CHEX ablation: regrowing beats prune-only"),
+            (prune, thin, f"Gradual prune-only beats a uniform thin network at {ratio} FLOPs", "prune-only - uniform",
              "CHEX: the global allocation beats uniform widths"),
         ):
             if better is None or worse is None or len(better["accs"]) != len(worse["accs"]):
@@ -274,7 +275,7 @@ def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
             reason = room["reason"] + ("; this prune_only is a uniform thin network, not the paper's gradual "
                                        "prune-only ablation" if uniform else "")
             rows.append(verdict(claim, compare(stats, "beats", 0.0, room["ok"]),
-                                f"{claim.split(' beats')[0]} - other: " + interval_text(stats),
+                                f"{label}: " + interval_text(stats),
                                 reason=reason.strip("; "), paper=paper))
     half = results.get("chex@0.5")
     if half is not None and "infer_ratio" in half:

@@ -93,7 +93,7 @@ def test_exploration_regrows_and_lands_on_the_flops_budget(tmp_path):
     assert os.path.isfile(tmp_path / "prune_regrow_widths.png")
 
 
-def test_prune_only_never_regrows(tmp_path):
+def test_prune_only_is_the_gradual_ablation_and_never_regrows(tmp_path):
     explorer = PruneRegrow(target_flops_ratio=0.5, update_every=3, update_unit="step", explore_until=0.6,
                            regrow_fraction=0.0)
     fit([explorer], 10, tmp_path)
@@ -192,7 +192,7 @@ def test_model_without_prunable_convolutions_fails_before_the_first_batch(tmp_pa
     assert Steps.steps == 0 and trainer.global_step == 0
 
 
-def test_unreachable_budget_and_missing_input_shape_fail_before_the_first_batch(tmp_path):
+def test_unreachable_budget_fails_before_the_first_batch_with_or_without_an_input_shape(tmp_path):
     Steps.steps = 0
     trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, default_root_dir=str(tmp_path),
