@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Literal
 
 import torch
@@ -15,13 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from stacktrain.errors import StackError, require_choice, require_number
-from stacktrain.functional.channel_selection import (
-    Allocation,
-    ChannelPlan,
-    cosine_regrow_fraction,
-    explore_group,
-    mask_digest,
-)
+from stacktrain.functional.channel_selection import ChannelPlan, cosine_regrow_fraction, mask_digest
+from stacktrain.functional.chex import Budget, decide_masks
+from stacktrain.functional.chex_meta import CHEX_META_VERSION, ChexMeta
 from stacktrain.functional.compact_loader import config_from_state_dict, channel_config, resize_modules
 from stacktrain.functional.compaction import compact_network, remap_optimizer
 from stacktrain.functional.flops import forward_flops
@@ -60,10 +57,17 @@ class PruneRegrow(Technique):
        used weights and BatchNorm statistics back.
 
     Training starts from uniform widths ``regrow_fraction`` above the budget; the last update (at
-    T_max) lands exactly on the budget. Masks are re-applied after every optimizer step. Coupled
+    T_max) lands exactly on the budget. ``regrow_fraction=0`` is the paper's prune-only ablation: training
+    starts dense and the same global allocation shrinks to the budget by T_max, nothing regrows. Masks are re-applied after every optimizer step. Coupled
     channels (residual adds, concatenations, depthwise and grouped convolutions, norms) are found
     with Torch-Pruning's ``DependencyGraph`` anywhere in the LightningModule; channels that are the
     module's outputs (classifier heads) are never pruned. Under DDP rank 0 decides and broadcasts.
+    The update itself is `stacktrain.functional.chex.decide_masks` + ``ChannelPlan.transition``; its
+    time is logged as ``prune_regrow/update_ms``.
+
+    The network is traced on the first training batch when no input shape is known, so a
+    LightningModule without ``forward`` whose ``training_step`` calls ``self.net(x)`` works: the one
+    child module that holds the convolutions is traced (``module_name`` names it when there are several).
 
     Args:
         target_flops_ratio: forward FLOPs of the final network over the dense network's (default 0.5
@@ -82,8 +86,12 @@ class PruneRegrow(Technique):
         compact_after_explore: remove the pruned channels physically at T_max (optimizer state cut
             to the kept channels, DDP re-wrapped), so the remaining steps are cheaper.
         ignore: module-name patterns (fnmatch) whose output channels are never pruned.
-        input_shape: (C, H, W) of one input; default: the data module's ``image_shape`` or the
-            module's ``example_input_array``.
+        input_shape: (C, H, W) of one input; default: the data module's ``image_shape``, the
+            module's ``example_input_array``, or else the first training batch's first tensor.
+        prune_residual: False leaves the residual streams whole (groups that several layers write,
+            joined by adds), as the CHEX reference does; only the blocks' inner widths shrink.
+        module_name: the submodule (attribute path, e.g. "net") to trace and prune; default: the
+            LightningModule when it has a ``forward``, else its one child that holds convolutions.
         seed: seed of the regrow sampling (combined with the global step).
     """
 
@@ -105,6 +113,8 @@ class PruneRegrow(Technique):
         ignore: list[str] | None = None,
         input_shape: list[int] | None = None,
         seed: int = 0,
+        prune_residual: bool = True,
+        module_name: str | None = None,
     ) -> None:
         super().__init__()
         source = type(self).__name__
@@ -139,6 +149,14 @@ class PruneRegrow(Technique):
         if not isinstance(compact_after_explore, bool):
             raise StackError("must be true or false", source=source, key="compact_after_explore",
                              value=compact_after_explore, fix="use true to shrink the network once exploration ends")
+        if not isinstance(prune_residual, bool):
+            raise StackError("must be true or false", source=source, key="prune_residual", value=prune_residual,
+                             fix="use false to keep the residual streams whole (the CHEX reference)")
+        if module_name is not None and (not isinstance(module_name, str) or not module_name):
+            raise StackError("must be the name of a submodule", source=source, key="module_name", value=module_name,
+                             fix="pass e.g. module_name: net (a name from pl_module.named_children())")
+        self.prune_residual = prune_residual
+        self.module_name = module_name
         self.target_flops_ratio = target_flops_ratio
         self.channel_sparsity = channel_sparsity
         self.update_every = update_every
@@ -157,6 +175,7 @@ class PruneRegrow(Technique):
         self.example_shape: list[int] | None = None
         self.group_names: list[str] = []
         self.network = ""
+        self.traced = ""  # the submodule whose channels are traced ("" = the LightningModule)
         self.module_class = ""
         self.dense_flops = 0
         self._hook_handle: Any = None
@@ -173,6 +192,7 @@ class PruneRegrow(Technique):
         # logging
         self._masked_flops = 0
         self._pending_widths = False
+        self.update_ms: list[float] = []  # wall time of every update (decide + transition), not saved
 
     # --------------------------------------------------------------------------------- properties
     @property
@@ -182,34 +202,45 @@ class PruneRegrow(Technique):
             return self.channel_sparsity > 0
         return self.target_flops_ratio < 1.0
 
-    def _cost(self) -> tuple[Any, float]:
-        plan = self.plan
+    def _budget(self) -> Budget:
         if self.channel_sparsity is not None:
-            return (lambda counts: 1.0 - plan.channel_sparsity(counts)), 1.0 - self.channel_sparsity
-        return plan.flops_ratio, self.target_flops_ratio
+            return Budget.sparsity(self.plan, self.channel_sparsity)
+        return Budget.flops(self.plan, self.target_flops_ratio)
+
+    def _net(self, pl_module: LightningModule) -> nn.Module:
+        """The module whose channels are traced and masked."""
+        return pl_module.get_submodule(self.traced) if self.traced else pl_module
 
     # --------------------------------------------------------------------------------- set-up
     def setup_technique(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        source = type(self).__name__
         self.module_class = f"{type(pl_module).__module__}.{type(pl_module).__qualname__}"
-        example = self._example_input(trainer, pl_module)
-        self.example_shape = list(example.shape)
         if self._hook_handle is None:
             self._hook_handle = pl_module.register_load_state_dict_pre_hook(_resize_for_compact_checkpoint)
-        if self.plan is not None:
-            return
+        self.traced = _find_network(pl_module, self.module_name, type(self).__name__)
+        example = self._example_input(trainer, pl_module)
+        if example is not None and self.plan is None:
+            self._build_plan(pl_module, example)  # before the first batch: bad budgets fail here
+
+    def _build_plan(self, pl_module: LightningModule, example: torch.Tensor) -> None:
+        """Trace the network on ``example`` (one sample) and check that the budget can be met."""
+        source = type(self).__name__
+        self.example_shape = list(example.shape)
+        net = self._net(pl_module)
         try:
-            plan = ChannelPlan.build(pl_module, example, ignore=self.ignore, minimum_ratio=self.min_channel_ratio)
+            plan = ChannelPlan.build(net, example, ignore=self.ignore, minimum_ratio=self.min_channel_ratio,
+                                     prune_residual=self.prune_residual)
         except StackError:
             raise
         except Exception as error:  # the forward pass failed on the example input
             raise StackError(
-                f"the model's forward pass failed on an input of shape {tuple(example.shape)}: {error}",
+                f"the network {self.traced or type(pl_module).__name__!r} failed on an input of shape "
+                f"{tuple(example.shape)}: {error}",
                 source=source, key="input_shape", value=self.input_shape,
-                fix="pass input_shape: [C, H, W] matching the images the model takes",
+                fix="pass input_shape: [C, H, W] matching the images the network takes, or module_name: <the "
+                    "submodule training_step calls>",
             ) from error
         if not plan.groups:
-            convs = [n for n, m in pl_module.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+            convs = [n for n, m in net.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
             raise StackError(
                 f"has no prunable convolution channels ({len(convs)} convolution(s), none of them prunable: "
                 "channel pruning needs convolutions whose outputs feed BatchNorm/convolution/linear layers, "
@@ -220,22 +251,28 @@ class PruneRegrow(Technique):
         self.plan = plan
         self.group_names = [g.name for g in plan.groups]
         self.dense_flops = plan.total_flops
-        self.network = _common_ancestor([s.module for g in plan.groups for s in g.slices])
-        self._masked_flops = plan.total_flops
+        ancestor = _common_ancestor([s.module for g in plan.groups for s in g.slices])
+        self.network = ".".join(p for p in (self.traced, ancestor) if p)
+        self._masked_flops = plan.flops(self.masks) if self.masks is not None else plan.total_flops
         if self.active:
-            cost, limit = self._cost()
-            minimum = cost(torch.tensor(plan.minimum, dtype=torch.long))
-            if minimum > limit + 1e-12:
-                key, value = (("channel_sparsity", self.channel_sparsity) if self.channel_sparsity is not None
-                              else ("target_flops_ratio", self.target_flops_ratio))
-                raise StackError(
-                    f"cannot be reached: with min_channel_ratio={self.min_channel_ratio} the smallest network "
-                    f"keeps {minimum:.3f} (layers that cannot be pruned count in full)",
-                    source=source, key=key, value=value,
-                    fix=f"use a budget of at least {minimum:.3f}, or lower min_channel_ratio",
-                )
+            self._check_reachable()
 
-    def _example_input(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor:
+    def _check_reachable(self) -> None:
+        budget, plan = self._budget(), self.plan
+        minimum = budget.cost(torch.tensor(plan.minimum, dtype=torch.long))
+        if minimum > budget.limit + 1e-12:
+            key, value = (("channel_sparsity", self.channel_sparsity) if self.channel_sparsity is not None
+                          else ("target_flops_ratio", self.target_flops_ratio))
+            raise StackError(
+                f"cannot be reached: with min_channel_ratio={self.min_channel_ratio} the smallest network "
+                f"keeps {minimum:.3f} (layers that cannot be pruned count in full)",
+                source=type(self).__name__, key=key, value=value,
+                fix=f"use a budget of at least {minimum:.3f}, or lower min_channel_ratio",
+            )
+
+    def _example_input(self, trainer: Trainer, pl_module: LightningModule) -> torch.Tensor | None:
+        """One zero sample of the network's input, when the settings, the model or the data module
+        tell its shape; None: the first training batch will."""
         if self.input_shape is not None:
             return torch.zeros(1, *self.input_shape)
         example = getattr(pl_module, "example_input_array", None)
@@ -245,12 +282,18 @@ class PruneRegrow(Technique):
         shape = getattr(datamodule, "image_shape", None)
         if shape is not None:
             return torch.zeros(1, *[int(v) for v in shape])
-        raise StackError(
-            "is needed to trace the model's channels and FLOPs, and neither the data module (image_shape) "
-            "nor the model (example_input_array) gives it",
-            source=type(self).__name__, key="input_shape", value=None,
-            fix="pass input_shape: [C, H, W] (e.g. [3, 32, 32])",
-        )
+        return None
+
+    def _example_from_batch(self, batch: Any) -> torch.Tensor:
+        tensor = _first_input(batch)
+        if tensor is None:
+            raise StackError(
+                f"cannot find an image tensor in the first training batch ({type(batch).__name__}) to trace the "
+                "network's channels and FLOPs",
+                source=type(self).__name__, key="input_shape", value=None,
+                fix="pass input_shape: [C, H, W] (e.g. [3, 32, 32])",
+            )
+        return torch.zeros(1, *tensor.shape[1:], dtype=tensor.dtype)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Plan exploration over this run's length. A run resumed with another length (``--ckpt_path``
@@ -306,6 +349,8 @@ class PruneRegrow(Technique):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if not self.active or self.compacted:
             return
+        if self.plan is None:  # no input shape was known: trace on the first real batch
+            self._build_plan(pl_module, self._example_from_batch(batch))
         step = trainer.global_step
         if self._due(step) and step != self.last_update_step:
             self._update(trainer, pl_module, step)
@@ -317,57 +362,27 @@ class PruneRegrow(Technique):
 
     def on_after_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if self.masks is not None and not self.compacted:
-            self.plan.apply_masks(pl_module, self.masks)
-
-    def _decide(self, pl_module: LightningModule, step: int, delta: float) -> list[torch.Tensor]:
-        """New masks: allocation by |gamma|, CSS inside each group, regrow by residual. The small
-        float64 eigen-problems run on one thread: LAPACK's threads only spin on them."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._decide_masks(pl_module, step, delta)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _decide_masks(self, pl_module: LightningModule, step: int, delta: float) -> list[torch.Tensor]:
-        plan = self.plan
-        cost, limit = self._cost()
-        old = self.masks
-        if old is None:
-            ratio = plan.uniform_ratio_within(cost, limit)
-            keep = total = plan.uniform_counts(min(1.0, ratio + delta))
-            alive = [torch.ones(n, dtype=torch.bool) for n in plan.num_units]
-        else:
-            allocation = Allocation(plan.unit_scores(pl_module), plan.minimum, self.channel_multiple)
-            alive = [m.cpu() for m in old]
-            if self.regrow_fraction == 0:
-                # prune only: a group can never get back what it lost, so the budget is met with
-                # every group capped at its current width (widths only shrink)
-                cap = plan.counts_of(alive)
-                k = allocation.largest_within(lambda counts: cost(torch.minimum(counts, cap)), limit)
-                keep = total = torch.minimum(allocation.counts(k), cap)
-            else:
-                k = allocation.largest_within(cost, limit)
-                keep = allocation.counts(k)
-                total = allocation.counts(k + round(delta * allocation.total))
-        generator = step_generator(self.seed, step)
-        masks = []
-        for index in range(len(plan.groups)):
-            matrix = plan.producer_matrix(pl_module, index, old, self.memory)
-            masks.append(explore_group(matrix, alive[index], int(keep[index]), int(total[index]), generator, self.criterion))
-        return masks
+            self.plan.apply_masks(self._net(pl_module), self.masks)
 
     def _update(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         t_max = self.schedule["t_max"] if self.schedule is not None else 0
         delta = cosine_regrow_fraction(self.regrow_fraction, step, t_max)
+        net = self._net(pl_module)
+        start = time.perf_counter()
         # Every rank decides from its own (DDP-identical) weights and the step's generator; rank 0's
         # decision is broadcast and applied everywhere, and each rank records whether it agreed.
-        local = self._decide(pl_module, step, delta)
+        local = decide_masks(net, self.plan, self.masks, self.memory, self._budget(), step=step, t_max=t_max,
+                             regrow_fraction=self.regrow_fraction, generator=step_generator(self.seed, step),
+                             criterion=self.criterion, multiple=self.channel_multiple)
+        decided = time.perf_counter()
         masks = trainer.strategy.broadcast(local if trainer.is_global_zero else None, src=0)
         masks = [m.cpu().clone() for m in masks]
         previous = self.masks
         regrown = 0 if previous is None else sum(int((n & ~o).sum()) for n, o in zip(masks, previous))
-        self.plan.transition(pl_module, self.masks, masks, self.memory)
+        moved = time.perf_counter()
+        self.plan.transition(net, self.masks, masks, self.memory)
+        # the update's own cost: deciding (allocation, CSS, regrow) and moving the weights, not the broadcast
+        self.update_ms.append(1000 * (decided - start + time.perf_counter() - moved))
         self.masks = masks
         self.last_update_step = step
         self._masked_flops = self.plan.flops(masks)
@@ -391,10 +406,13 @@ class PruneRegrow(Technique):
         example = torch.zeros(self.example_shape, device=device)
         dense_sizes = channel_config(pl_module)
         old = dict(pl_module.named_parameters())
+        net = self._net(pl_module)
         # the dependency trace and the FLOPs count run the network once on a 1-sample example: eagerly,
         # or a compiled module would compile that trace (and recompile for every traced shape)
         with torch.compiler.set_stance("force_eager"):
-            keep = compact_network(pl_module, self.plan, self.masks, example)
+            keep = compact_network(net, self.plan, self.masks, example)
+        prefix = f"{self.traced}." if self.traced else ""
+        keep = {prefix + key: value for key, value in keep.items()}
         new = dict(pl_module.named_parameters())
         for optimizer in trainer.optimizers:
             remap_optimizer(optimizer, old, new, keep)
@@ -409,7 +427,7 @@ class PruneRegrow(Technique):
         notify_parameters_replaced(trainer, pl_module, keep, source=self)
         self.layer_sizes = channel_config(pl_module, reference=dense_sizes)
         with torch.compiler.set_stance("force_eager"):
-            self.compact_flops = forward_flops(pl_module, example)
+            self.compact_flops = forward_flops(net, example)
         self.compacted = True
         self.compacted_at = int(step)
         self.memory = {}
@@ -431,6 +449,8 @@ class PruneRegrow(Technique):
         if self._pending_widths and self.history:
             for name, width in zip(self.group_names, self.history[-1]["widths"]):
                 self.log_metric(pl_module, f"width/{name}", float(width))
+            if self.update_ms:
+                self.log_metric(pl_module, "update_ms", self.update_ms[-1])
             self._pending_widths = False
         batch_size = batch_size_of(batch)
         training = self.compact_flops if self.compacted else self.dense_flops
@@ -479,28 +499,29 @@ class PruneRegrow(Technique):
         figure.savefig(path)
 
     # --------------------------------------------------------------------------------- state
+    def meta(self) -> ChexMeta:
+        """The run's metadata in the schema `export_compact` reads."""
+        return ChexMeta(
+            version=CHEX_META_VERSION, module_class=self.module_class, traced=self.traced, network=self.network,
+            input_shape=list(self.example_shape or []), ignore=list(self.ignore), prune_residual=self.prune_residual,
+            group_names=list(self.group_names), dense_flops=int(self.dense_flops), compacted=self.compacted,
+            compacted_at=self.compacted_at, compact_flops=int(self.compact_flops),
+            layer_sizes={k: dict(v) for k, v in self.layer_sizes.items()},
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            **self.meta().to_dict(),
             "masks": None if self.masks is None else [m.clone() for m in self.masks],
             "memory": {k: v.detach().clone() for k, v in self.memory.items()},
             "schedule": None if self.schedule is None else dict(self.schedule),
             "last_update_step": self.last_update_step,
             "history": [dict(h, widths=list(h["widths"])) for h in self.history],
-            "compacted": self.compacted,
-            "compacted_at": self.compacted_at,
-            "compact_flops": self.compact_flops,
-            "dense_flops": self.dense_flops,
-            "layer_sizes": {k: dict(v) for k, v in self.layer_sizes.items()},
-            "group_names": list(self.group_names),
-            "input_shape": list(self.example_shape or []),
-            "module_class": self.module_class,
-            "network": self.network,
-            "ignore": list(self.ignore),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        names = list(state_dict.get("group_names", []))
+        meta = ChexMeta.from_dict(state_dict, source=type(self).__name__)
+        names = list(meta.group_names)
         if self.group_names and names and names != self.group_names:
             raise StackError(
                 "the checkpoint's channel groups do not match this model's (a different architecture?)",
@@ -513,10 +534,11 @@ class PruneRegrow(Technique):
         self.schedule = None if state_dict.get("schedule") is None else dict(state_dict["schedule"])
         self.last_update_step = int(state_dict.get("last_update_step", -1))
         self.history = [dict(h, widths=list(h["widths"])) for h in state_dict.get("history", [])]
-        self.compacted = bool(state_dict.get("compacted", False))
-        self.compacted_at = int(state_dict.get("compacted_at", -1))
-        self.compact_flops = int(state_dict.get("compact_flops", 0))
-        self.layer_sizes = {k: dict(v) for k, v in state_dict.get("layer_sizes", {}).items()}
+        self.compacted, self.compacted_at, self.compact_flops = meta.compacted, meta.compacted_at, meta.compact_flops
+        self.layer_sizes = {k: dict(v) for k, v in meta.layer_sizes.items()}
+        if self.plan is None:  # traced on the first batch: what the checkpoint knows until then
+            self.group_names, self.dense_flops, self.network = names, meta.dense_flops, meta.network
+            self.example_shape = list(meta.input_shape) or None
         if self.masks is not None and self.plan is not None:
             self._masked_flops = self.plan.flops(self.masks)
 
@@ -528,6 +550,48 @@ def _resize_for_compact_checkpoint(module: nn.Module, state_dict: dict[str, Any]
     config = config_from_state_dict(module, local)
     if config:
         resize_modules(module, config, local)
+
+
+def _convolutions(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
+
+def _find_network(pl_module: LightningModule, module_name: str | None, source: str) -> str:
+    """The submodule to trace: ``module_name``; else the LightningModule itself when it has a ``forward``;
+    else its one child that holds convolutions (the ``self.net`` its ``training_step`` calls)."""
+    children = {name: _convolutions(child) for name, child in pl_module.named_children()}
+    found = ", ".join(f"{name} ({count} conv)" for name, count in children.items()) or "no submodules"
+    if module_name is not None:
+        try:
+            pl_module.get_submodule(module_name)
+        except AttributeError as error:
+            raise StackError(f"is not a submodule of {type(pl_module).__name__} (it has: {found})", source=source,
+                             key="module_name", value=module_name,
+                             fix="pass the attribute that holds the network, e.g. module_name: net") from error
+        return module_name
+    if type(pl_module).forward not in (LightningModule.forward, nn.Module.forward):
+        return ""
+    holders = [name for name, count in children.items() if count]
+    if len(holders) == 1:
+        return holders[0]
+    raise StackError(
+        f"cannot tell which network to prune: {type(pl_module).__name__} has no forward and "
+        f"{len(holders)} submodules hold convolutions (it has: {found})",
+        source=source, key="module_name", value=None,
+        fix="pass module_name: <the submodule training_step calls> (e.g. net), or give the module a forward",
+    )
+
+
+def _first_input(batch: Any) -> torch.Tensor | None:
+    """The first floating-point tensor of at least 2 dims in ``batch`` (tensor, tuple, list or dict)."""
+    if isinstance(batch, torch.Tensor):
+        return batch if batch.is_floating_point() and batch.dim() >= 2 else None
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        found = _first_input(value)
+        if found is not None:
+            return found
+    return None
 
 
 def _common_ancestor(names: list[str]) -> str:

@@ -16,6 +16,7 @@ from torch import nn
 from stacktrain.errors import StackError, require_existing_path
 from stacktrain.functional import compact_loader
 from stacktrain.functional.channel_selection import ChannelPlan
+from stacktrain.functional.chex_meta import ChexMeta
 from stacktrain.functional.compact_loader import channel_config, config_from_state_dict, resize_modules
 from stacktrain.functional.compaction import compact_network
 from stacktrain.functional.flops import forward_flops
@@ -37,10 +38,10 @@ def _technique_state(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
     )
 
 
-def _rebuild_module(state: dict[str, Any], checkpoint: dict[str, Any]) -> nn.Module:
+def _rebuild_module(meta: ChexMeta, checkpoint: dict[str, Any]) -> nn.Module:
     """The LightningModule of the run, rebuilt from its class and saved hyper-parameters (the weights
     come from the checkpoint, so a ``pretrained`` file is not loaded again)."""
-    module_path, _, qualname = state.get("module_class", "").rpartition(".")
+    module_path, _, qualname = meta.module_class.rpartition(".")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if "pretrained" in hparams:
         hparams["pretrained"] = None
@@ -55,7 +56,7 @@ def _rebuild_module(state: dict[str, Any], checkpoint: dict[str, Any]) -> nn.Mod
         return cls(**hparams)
     except Exception as error:
         raise StackError(
-            f"cannot rebuild the model {state.get('module_class')!r} from the checkpoint's hyper-parameters ({error})",
+            f"cannot rebuild the model {meta.module_class!r} from the checkpoint's hyper-parameters ({error})",
             source="export_compact", key="module", value=None,
             fix="pass module=<an instance of your LightningModule, built as for training>",
         ) from error
@@ -99,32 +100,34 @@ def export_compact(
         raise StackError(f"cannot be read as a checkpoint ({type(error).__name__})", source="export_compact",
                          key="checkpoint", value=path, fix="pass a .ckpt written by a PruneRegrow run") from error
     state = _technique_state(data, path)
-    module = module if module is not None else _rebuild_module(state, data)
+    meta = ChexMeta.from_dict(state, source="export_compact")
+    module = module if module is not None else _rebuild_module(meta, data)
     dense_sizes = channel_config(module)
     weights = data["state_dict"]
     resize_modules(module, config_from_state_dict(module, weights), weights)
     module.load_state_dict(weights)
     module.eval()
-    shape = list(state.get("input_shape") or [])
+    shape = list(meta.input_shape)
     if example_input is None:
         if not shape:
             raise StackError("the checkpoint does not record the input shape", source="export_compact",
                              key="example_input", value=None, fix="pass example_input=<one batch of inputs>")
         example_input = torch.zeros(shape)
-    if not state.get("compacted"):
+    if not meta.compacted:
         masks = state.get("masks")
         if masks is None:
             raise StackError("the run stopped before the first pruning step: nothing is pruned yet",
                              source="export_compact", key="checkpoint", value=path,
                              fix="export a checkpoint taken after training started")
-        plan = ChannelPlan.build(module, example_input[:1], ignore=state.get("ignore", []))
-        if [g.name for g in plan.groups] != list(state.get("group_names", [])):
+        traced = module.get_submodule(meta.traced) if meta.traced else module
+        plan = ChannelPlan.build(traced, example_input[:1], ignore=meta.ignore, prune_residual=meta.prune_residual)
+        if [g.name for g in plan.groups] != meta.group_names:
             raise StackError("the model's channel groups differ from the checkpoint's", source="export_compact",
                              key="module", value=type(module).__name__,
                              fix="pass the LightningModule the checkpoint was trained with")
-        plan.apply_masks(module, masks)
-        compact_network(module, plan, masks, example_input[:1])
-    name = state.get("network", "")
+        plan.apply_masks(traced, masks)
+        compact_network(traced, plan, masks, example_input[:1])
+    name = meta.network
     network = module.get_submodule(name) if name else module
     network.eval()
     out = os.fspath(out)
@@ -140,10 +143,10 @@ def export_compact(
     compact_flops = forward_flops(network, example_input[:1])
     config = {
         "network": name,
-        "module_class": state.get("module_class"),
+        "module_class": meta.module_class,
         "hyperparameters": json.loads(json.dumps(data.get("hyper_parameters") or {}, default=str)),
         "input_shape": list(example_input[:1].shape),
-        "flops": {"dense": int(state.get("dense_flops", 0)), "compact": int(compact_flops)},
+        "flops": {"dense": int(meta.dense_flops), "compact": int(compact_flops)},
         "layers": channel_config(network),
         "dense_layers": {k[len(prefix):]: v for k, v in dense_sizes.items() if k.startswith(prefix)},
     }

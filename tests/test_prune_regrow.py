@@ -22,6 +22,7 @@ from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only,
 from stacktrain.callbacks import EfficiencyReport, ExactResume, PruneRegrow
 from stacktrain.datamodules import DigitsDataModule
 from stacktrain.errors import StackError
+from stacktrain.functional.chex_meta import CHEX_META_VERSION, ChexMeta
 from stacktrain.functional.flops import forward_flops
 from stacktrain.lightning_modules import ImageClassifier
 from stacktrain.stack import FLOPS_PER_STEP, INFERENCE_FLOPS, INFERENCE_FLOPS_AVERAGE
@@ -97,12 +98,22 @@ def test_exploration_regrows_and_lands_on_the_flops_budget(tmp_path):
     assert os.path.isfile(tmp_path / "prune_regrow_widths.png")
 
 
-def test_prune_only_never_regrows(tmp_path):
+def test_prune_only_is_the_gradual_ablation_and_never_regrows(tmp_path):
     explorer = PruneRegrow(target_flops_ratio=0.5, update_every=3, update_unit="step", explore_until=0.6,
                            regrow_fraction=0.0)
     fit([explorer], 10, tmp_path)
-    assert [h["regrown_units"] for h in explorer.history[1:]] == [0] * (len(explorer.history) - 1)
-    assert explorer.history[0]["flops_ratio"] <= 0.5
+    history = explorer.history
+    # the paper's prune-only ablation: dense at step 0, the global allocation shrinks to the budget by
+    # T_max = 6 along the cubic (1.0, then 0.5 + 0.5 * (1 - 3/6)^3 = 0.5625, then 0.5), nothing regrows
+    assert [h["step"] for h in history] == [0, 3, 6]
+    assert [h["regrown_units"] for h in history[1:]] == [0, 0]
+    assert history[0]["flops_ratio"] == 1.0
+    assert 0.5 < history[1]["flops_ratio"] <= 0.5625 and 0.45 <= history[2]["flops_ratio"] <= 0.5
+    for before, after in zip(history, history[1:]):  # widths only shrink
+        assert all(a <= b for a, b in zip(after["widths"], before["widths"]))
+    full = [g.channels for g in explorer.plan.groups]
+    kept = {round(w / f, 2) for w, f in zip(history[-1]["widths"], full)}
+    assert len(kept) > 1  # BatchNorm |gamma| allocation, not one uniform ratio
 
 
 def test_compaction_shrinks_the_network_and_training_goes_on(tmp_path):
@@ -186,19 +197,75 @@ def test_model_without_prunable_convolutions_fails_before_the_first_batch(tmp_pa
     assert Steps.steps == 0 and trainer.global_step == 0
 
 
-def test_unreachable_budget_and_missing_input_shape_fail_before_the_first_batch(tmp_path):
+def test_unreachable_budget_fails_before_the_first_batch_with_or_without_an_input_shape(tmp_path):
     Steps.steps = 0
     trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, default_root_dir=str(tmp_path),
                       callbacks=[PruneRegrow(target_flops_ratio=0.02, min_channel_ratio=0.5)])
     with pytest.raises(StackError, match=r"target_flops_ratio=0.02 cannot be reached.*Fix: use a budget of at least"):
         trainer.fit(Steps(MODEL, in_chans=1), make_data())
+    assert Steps.steps == 0
+    # traced on the first batch (no input shape known): the budget still fails before training_step
     loader = DataLoader(TensorDataset(torch.zeros(8, 1, 16, 16), torch.zeros(8, dtype=torch.long)), batch_size=4)
     trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, default_root_dir=str(tmp_path), callbacks=[PruneRegrow()])
-    with pytest.raises(StackError, match=r"input_shape=None is needed.*Fix: pass input_shape"):
+                      enable_progress_bar=False, default_root_dir=str(tmp_path),
+                      callbacks=[PruneRegrow(target_flops_ratio=0.02, min_channel_ratio=0.5)])
+    with pytest.raises(StackError, match=r"target_flops_ratio=0.02 cannot be reached"):
         trainer.fit(Steps(MODEL, in_chans=1), train_dataloaders=loader)
     assert Steps.steps == 0
+
+
+def test_attaches_in_one_line_to_a_module_without_forward_and_a_plain_loader(tmp_path):
+    from prune_regrow_attach_driver import NetOnly, explorer, tensor_loader
+
+    seed_everything(0)
+    callback, module = explorer(), NetOnly()
+    dense = forward_flops(module.net, torch.zeros(1, 1, 16, 16))
+    trainer = Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                      callbacks=[callback])
+    trainer.fit(module, train_dataloaders=tensor_loader())
+    assert callback.traced == "net" and callback.network == "net" and callback.example_shape == [1, 1, 16, 16]
+    assert callback.group_names[0] == "conv1.0"  # names inside the traced network
+    # updates at 0, 2 and T_max = 3; compacted there: the network really is about half as costly
+    assert [h["step"] for h in callback.history] == [0, 2, 3] and callback.compacted and callback.compacted_at == 3
+    assert callback.dense_flops == dense
+    assert 0.45 <= forward_flops(module.net, torch.zeros(1, 1, 16, 16)) / dense <= 0.5
+    assert len(callback.update_ms) == 3 and all(ms > 0 for ms in callback.update_ms)
+    assert float(trainer.callback_metrics["prune_regrow/update_ms"]) == pytest.approx(callback.update_ms[-1], rel=1e-5)
+
+
+class TwoNets(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 3))
+        self.student = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                           torch.nn.Conv2d(8, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                           torch.nn.Flatten(), torch.nn.Linear(8, 4))
+
+    def training_step(self, batch, batch_idx):
+        Steps.steps += 1
+        return torch.nn.functional.cross_entropy(self.student(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.student.parameters(), lr=0.1)
+
+
+def test_two_candidate_networks_ask_for_module_name_before_the_first_batch(tmp_path):
+    from prune_regrow_attach_driver import tensor_loader
+
+    Steps.steps = 0
+    options = dict(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(StackError, match=r"module_name=None.*2 submodules hold convolutions.*teacher \(2 conv\), "
+                                         r"student \(2 conv\).*Fix: pass module_name"):
+        Trainer(callbacks=[PruneRegrow()], **options).fit(TwoNets(), train_dataloaders=tensor_loader())
+    assert Steps.steps == 0
+    with pytest.raises(StackError, match=r"module_name='pupil' is not a submodule"):
+        Trainer(callbacks=[PruneRegrow(module_name="pupil")], **options).fit(TwoNets(), train_dataloaders=tensor_loader())
+    callback = PruneRegrow(module_name="student", min_channel_ratio=0.1)
+    Trainer(callbacks=[callback], **options).fit(TwoNets(), train_dataloaders=tensor_loader())
+    assert callback.traced == "student" and callback.group_names[0] == "0" and len(callback.history) == 1
 
 
 @pytest.mark.parametrize("kwargs, key", [
@@ -210,10 +277,34 @@ def test_unreachable_budget_and_missing_input_shape_fail_before_the_first_batch(
     (dict(update_unit="epochs"), "update_unit"),
     (dict(criterion="svd"), "criterion"),
     (dict(input_shape=[1, -16]), None),
+    (dict(prune_residual="no"), "prune_residual"),
+    (dict(module_name=""), "module_name"),
 ])
 def test_bad_settings_name_the_key(kwargs, key):
     with pytest.raises(StackError, match=f"PruneRegrow: {key or 'input_shape'}="):
         PruneRegrow(**kwargs)
+
+
+def test_checkpoint_metadata_is_one_versioned_schema(tmp_path):
+    """The callback's state and `export_compact` read the same `ChexMeta`; another version is refused."""
+    from stacktrain.export import export_compact
+
+    explorer = PruneRegrow(target_flops_ratio=0.5, update_every=2, update_unit="step", explore_until=0.5,
+                           prune_residual=False)
+    fit([explorer], 4, tmp_path)
+    state = explorer.state_dict()
+    meta = ChexMeta.from_dict(state)
+    assert meta.version == CHEX_META_VERSION == state["version"] == 2
+    assert meta.group_names == explorer.group_names and meta.prune_residual is False and meta.traced == ""
+    assert meta.input_shape == [1, 1, 16, 16] and meta.network == "model" and meta.dense_flops == explorer.dense_flops
+    assert ChexMeta.from_dict({**state, "version": 1}).group_names == meta.group_names  # version 1 still reads
+    with pytest.raises(StackError, match=r"PruneRegrow: version=3 of the PruneRegrow state is not one"):
+        PruneRegrow().load_state_dict({**state, "version": 3})
+    checkpoint = {"callbacks": {"PruneRegrow": {**state, "version": 7}}, "state_dict": {}, "hyper_parameters": {}}
+    path = tmp_path / "future.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(StackError, match=r"export_compact: version=7"):
+        export_compact(path, tmp_path / "out")
 
 
 # ------------------------------------------------------------------------------ resume and export
@@ -280,17 +371,46 @@ def test_export_loads_without_stacktrain_and_gives_the_masked_logits(tmp_path):
     assert errors["params"] < sum(p.numel() for p in module.model.parameters())
 
 
+def test_export_of_a_module_without_forward_traces_its_network(tmp_path):
+    """Traced on the first batch under ``net``: the export rebuilds the plan on that submodule."""
+    from prune_regrow_attach_driver import NetOnly, tensor_loader
+    from stacktrain import export_compact
+
+    seed_everything(0)
+    callback, module = PruneRegrow(target_flops_ratio=0.5, update_every=2, update_unit="step"), NetOnly()
+    trainer = Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                      callbacks=[callback])
+    trainer.fit(module, train_dataloaders=tensor_loader())
+    checkpoint = tmp_path / "net.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    assert load_checkpoint_weights_only(str(checkpoint))["callbacks"]["PruneRegrow"]["traced"] == "net"
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked = module.net.eval()(x)
+    result = export_compact(checkpoint, tmp_path / "export", module=NetOnly())
+    assert result["network"] == "net" and 0.45 <= result["compact_flops"] / result["dense_flops"] <= 0.5
+    compact = torch.export.load(result["program"]).module()
+    assert torch.allclose(compact(x), masked, atol=1e-4)
+
+
 def test_benchmark_runs_in_small_mode(tmp_path):
     from benchmarks import prune_regrow
 
     results = prune_regrow.main(["--small", "--out", str(tmp_path / "bench.json")])
     payload = json.loads((tmp_path / "bench.json").read_text())
     assert payload["benchmark"] == "prune_regrow" and set(payload["results"]) == set(results)
+    assert payload["prune_only"] == "gradual" and payload["settings"]["model"] == "test_resnet"
     for ratio in (0.5, 0.25):
-        assert abs(results[f"chex@{ratio}"]["flops_ratio"] - ratio) <= 0.05 * ratio
-        assert results[f"chex@{ratio}_masked"]["flops_ratio"] == 1.0  # masks only: the dense network
-        assert results[f"chex@{ratio}"]["infer_ms"] > 0
+        for kind in ("chex", "chex_whole_residual", "prune_only", "uniform"):
+            row = results[f"{kind}@{ratio}"]  # every variant lands on its budget, compacted
+            assert ratio - 0.1 * ratio <= row["flops_ratio"] <= ratio + 1e-9, (kind, ratio, row["flops_ratio"])
+        assert results[f"chex@{ratio}"]["infer_ms"] > 0 and results[f"chex@{ratio}"]["update_ms"] > 0
+    assert results["chex@0.5_masked"]["flops_ratio"] == 1.0  # masks only: the dense network
+    # uniform widths against the gradual global allocation: different networks at the same budget
+    assert results["uniform@0.25"]["widths"] is None and results["prune_only@0.25"]["widths"] is not None
     assert payload["markdown"] == prune_regrow.report(payload)  # the report rebuilds from the JSON alone
+    assert any(v["claim"].startswith("Gradual prune-only beats") for v in prune_regrow.verdicts(payload))
 
 
 def test_export_rebuilds_a_module_saved_through_the_cli():
@@ -300,7 +420,7 @@ def test_export_rebuilds_a_module_saved_through_the_cli():
 
     hparams = {"_class_path": "stacktrain.lightning_modules.ImageClassifier", "_instantiator": "x",
                "model_name": MODEL, "in_chans": 1, "num_classes": 10, "pretrained": "/no/such/file.pth"}
-    module = _rebuild_module({"module_class": "stacktrain.lightning_modules.classifier.ImageClassifier"},
+    module = _rebuild_module(ChexMeta(module_class="stacktrain.lightning_modules.classifier.ImageClassifier"),
                              {"hyper_parameters": hparams})
     assert isinstance(module, ImageClassifier) and module.hparams.model_name == MODEL
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from conftest import CONFIGS
-from ddp_harness import assert_states_equal, check, load_rank_states, run_ddp
+from ddp_harness import assert_states_equal, check, launch_driver, load_rank_states, run_ddp
 
 pytestmark = pytest.mark.ddp
 
@@ -47,3 +47,16 @@ def test_two_ranks_agree_on_every_mask_and_stay_in_sync_after_compaction(tmp_pat
     conv = rank0["model"]["model.layer1.0.conv1.weight"]
     assert conv.shape[0] < 32 or conv.shape[1] < 32 or sum(v.numel() for v in rank0["model"].values()) < 373_370
     assert torch.isfinite(conv).all()
+
+
+def test_one_line_attach_traces_on_the_first_batch_and_ranks_agree(tmp_path):
+    """A module without forward and a plain DataLoader of tensors (tests/prune_regrow_attach_driver.py),
+    2 processes: both trace the same network on their own first batch and decide the same masks."""
+    rank0, rank1 = (r["attach"] for r in launch_driver("prune_regrow_attach_driver.py", tmp_path, "--clip", "none"))
+    assert rank0["status"] == rank1["status"] == "ok", rank0.get("error") or rank1.get("error")
+    assert rank0["traced"] == rank1["traced"] == "net" and rank0["compacted"] and rank1["compacted"]
+    assert [h["step"] for h in rank0["history"]] == [0, 2, 3]
+    for a, b in zip(rank0["history"], rank1["history"]):
+        assert a["digest"] == a["local_digest"] == b["local_digest"] == b["digest"], a["step"]
+    assert 0.45 <= rank0["history"][-1]["flops_ratio"] <= 0.5
+    assert rank0["weights"] == rank1["weights"] and rank0["conv_shape"] == rank1["conv_shape"]
