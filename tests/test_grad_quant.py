@@ -111,6 +111,22 @@ def test_trains_on_digits_and_logs_under_its_name(tmp_path, compensation):
     assert len(callback.error_log["weights"]) == 4  # the error is measured on the logged steps only
 
 
+def test_linear_hypernetwork_on_weights_only_leaves_biases_a_plain_quantized_step(tmp_path):
+    """MetaQuant's recipe: the linear meta-network (hidden 100) sees conv and linear weights only."""
+    seed_everything(0)
+    model = SmallNet()
+    callback = GradientQuantization(bits=4, targets="weights", compensation="hypernet", hypernet="linear",
+                                    hypernet_targets="weights", meta_lr=1e-3)
+    trainer(tmp_path, [callback], max_steps=5).fit(model, digits_loader())
+    net = callback.hypernet.net
+    assert net.kind == "linear" and net.hidden.weight.shape == (100, 1)
+    assert set(callback.hypernet.previous) == {"conv.weight", "head.weight"}
+    gain = float(net.output.weight @ net.hidden.weight)  # H(g) = (1 + gain) g
+    assert 0 < abs(gain) < 0.5  # trained (it starts at 0) by four steps of Adam at 1e-3
+    # the bias's gradient went through 4 bits and nothing else: at most 15 distinct values
+    assert len(torch.unique(model.head.bias.grad)) <= 15
+
+
 # ----------------------------------------------------------------------------------- bad settings
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -125,6 +141,9 @@ def test_trains_on_digits_and_logs_under_its_name(tmp_path, compensation):
         (dict(bits=None, compensation="hypernet"), "has nothing to compensate"),
         (dict(meta_lr=0.0), "meta_lr=0.0 is out of range"),
         (dict(hypernet_inputs="weight"), "hypernet_inputs='weight' is not one of"),
+        (dict(hypernet="lstm"), "hypernet='lstm' is not a hypernetwork kind"),
+        (dict(hypernet_targets="biases"), "hypernet_targets='biases' is not one of"),
+        (dict(hypernet_hidden=0), "hypernet_hidden=0 is out of range"),
     ],
 )
 def test_bad_settings_raise_a_stack_error_naming_the_key(kwargs, message):
@@ -182,11 +201,14 @@ def test_the_config_runs(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("compensation", ["error_feedback", "hypernet"])
+@pytest.mark.parametrize("compensation", ["error_feedback", "hypernet", "hypernet_linear"])
 def test_stop_and_resume_is_exact_with_hypernetwork_and_residuals(tmp_path, compensation):
+    options = (dict(compensation="hypernet", hypernet="linear", hypernet_targets="weights", meta_lr=1e-3)
+               if compensation == "hypernet_linear" else dict(compensation=compensation))
+    compensation = options["compensation"]
     runs = stop_and_resume(
         SmallNet, lambda: DigitsDataModule(batch_size=64),
-        lambda: [GradientQuantization(bits=4, compensation=compensation), ExactResume()],
+        lambda: [GradientQuantization(bits=4, **options), ExactResume()],
         total=9, stop_at=4, root=tmp_path,
     )
     assert_resumed_exactly(runs)  # weights and technique state (hypernetwork, residuals, seed)
