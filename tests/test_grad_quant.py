@@ -197,6 +197,8 @@ def test_the_config_runs(tmp_path):
     assert cli.trainer.global_step == 3
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, GradientQuantization))
     assert callback.bits == 4 and callback.compensation == "hypernet" and callback.communication_bits == 4
+    assert callback.hypernet.net.kind == "linear" and callback.hypernet_targets == "weights" and callback.meta_lr == 1e-3
+    assert isinstance(cli.model.optimizers().optimizer, torch.optim.SGD)
     assert callback.comm is None  # one process: nothing to communicate
 
 
@@ -404,10 +406,34 @@ def test_benchmark_small_mode_writes_its_table(tmp_path):
     from benchmarks import grad_quant
 
     out = tmp_path / "grad_quant.json"
-    grad_quant.main(["--small", "--settings", "cnn", "--out", str(out)])
+    grad_quant.main(["--small", "--settings", "cnn", "--variants", "int8", "int4", "int4_hypernet",
+                     "int4_error_feedback_nearest", "--out", str(out)])
     payload = json.loads(out.read_text())
-    rows = payload["accuracy"]["cnn"]["rows"]
-    assert set(rows) == {"fp32", "int8", "int4", "int4_error_feedback", "int4_hypernet"}
+    result = payload["accuracy"]["cnn"]
+    rows = result["rows"]
+    assert result["data"] == "cluttered" and result["optimizer"] == "sgd" and result["setting"]["model_name"] == "stacktrain_vgg"
+    assert set(rows) == {"fp32", "int8", "int4", "int4_hypernet", "int4_error_feedback_nearest"}
     assert rows["fp32"]["rel_error_weights"] == 0.0
     assert 0 < rows["int8"]["rel_error_weights"] < rows["int4"]["rel_error_weights"] < 1
+    assert "loss_share_of_plain" in rows["int4_hypernet"] and "loss_share_of_plain" not in rows["int4"]
     assert payload["ddp"] == {}  # the DDP part is left out of the small mode
+    claims = [row["claim"] for row in grad_quant.verdicts(payload)]
+    assert any("compensated int4 (int4_" in claim for claim in claims)
+    assert "loss_share_of_plain" in grad_quant.report(payload)
+
+
+def test_benchmark_variants_pair_each_compensation_with_its_plain_variant():
+    from benchmarks import grad_quant
+
+    variants = grad_quant.VARIANTS
+    assert variants["int4_hypernet"] == dict(bits=4, compensation="hypernet", hypernet="linear",
+                                             hypernet_targets="weights", meta_lr=1e-3)
+    assert variants["int3_weights_hypernet"]["targets"] == "weights"
+    assert variants["int4_error_feedback_nearest"]["stochastic_rounding"] is False
+    assert grad_quant.plain_of("int3_weights_hypernet") == "int3_weights"
+    assert grad_quant.plain_of("int4_error_feedback_nearest") == "int4"
+    assert sorted(grad_quant.compensated("int4", variants)) == [
+        "int4_error_feedback", "int4_error_feedback_nearest", "int4_hypernet", "int4_hypernet_mlp"]
+    for options in variants.values():  # every variant is a valid setting
+        if options is not None:
+            grad_quant.GradientQuantization(**options)
