@@ -527,3 +527,28 @@ def test_compressed_hook_turns_a_non_finite_bucket_into_nan_for_the_grad_scaler(
     x[0, 0] = float("inf")
     ddp(x).sum().backward()
     assert not torch.isfinite(model.weight.grad).any() and not torch.isfinite(model.bias.grad).any()
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_compressed_hook_gives_each_parameter_exactly_its_own_quantization(single_process_group, stochastic):
+    """The whole-bucket hook sends, per parameter, exactly `quantize` with that parameter's own scale and
+    its own seeded noise stream (so exact resume and the bucket-layout independence hold)."""
+    from stacktrain.functional.quantize import CompressedCommState, _Generators, quantized_allgather_hook
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+    F.cross_entropy(model(x), y).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = CompressedCommState(4, stochastic=stochastic)
+    state.index_parameters(model)
+    ddp.register_comm_hook(state, quantized_allgather_hook)
+    state.reseed(11)
+    F.cross_entropy(ddp(x), y).backward()
+    streams = _Generators()
+    streams.reseed(11)
+    for index, (parameter, grad) in enumerate(zip(model.parameters(), reference)):
+        q = quantize(grad.flatten(), 4, stochastic=stochastic, generator=streams.for_parameter(grad.device, index))
+        assert torch.equal(parameter.grad.flatten(), dequantize(q))
