@@ -151,7 +151,24 @@ class TorchCommHook(Callback):
         else:
             state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=POWERSGD_RANK,
                                                 start_powerSGD_iter=POWERSGD_START)
-            model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+            model.register_comm_hook(state, _one_bucket_at_a_time(powerSGD_hook.powerSGD_hook))
+
+
+def _one_bucket_at_a_time(hook: Any) -> Any:
+    """PowerSGD issues its second and third all-reduce from callbacks of the first; with several buckets
+    on gloo those of two buckets can run in a different order on each rank (a collective mismatch that
+    aborts the run). Waiting for each bucket's result inside the hook keeps the order (and costs PowerSGD
+    its overlap between buckets)."""
+
+    def serialized(state: Any, bucket: Any) -> torch.futures.Future:
+        result = hook(state, bucket).wait()
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(result)
+        return future
+
+    serialized.__annotations__.update(state=object, bucket=torch.distributed.GradBucket,
+                                      **{"return": torch.futures.Future[torch.Tensor]})
+    return serialized
 
 
 class StepTimes(Callback):

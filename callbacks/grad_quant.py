@@ -410,7 +410,7 @@ class GradientQuantization(Technique):
         # state until fit starts, then put it where the model is.
         self.seed = int(state_dict["seed"])
         changed = [f"{key}: {state_dict[key]!r} -> {getattr(self, key)!r}"
-                   for key in ("bits", "compensation", "communication_bits")
+                   for key in ("bits", "compensation", "communication_bits", "hypernet_kind")
                    if key in state_dict and state_dict[key] != getattr(self, key)]
         if changed:
             rank_zero_warn(f"stacktrain: grad_quant: resuming with other settings than the checkpoint's "
@@ -431,7 +431,8 @@ class GradientQuantization(Technique):
                                f"{len(per_rank)} processes and this run has {world}: rank r continues "
                                f"the residuals of saved rank r mod {len(per_rank)}")
             self.quantizer.load_state_dict({"residuals": per_rank[rank % len(per_rank)]})
-        if self.hypernet is not None and "hypernet" in state:
+        # a checkpoint from before `hypernet` existed holds the mlp kind
+        if self.hypernet is not None and "hypernet" in state and state.get("hypernet_kind", "mlp") == self.hypernet_kind:
             self.hypernet.load_state_dict(state["hypernet"], device=device)
 
 

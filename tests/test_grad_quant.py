@@ -127,6 +127,19 @@ def test_linear_hypernetwork_on_weights_only_leaves_biases_a_plain_quantized_ste
     assert len(torch.unique(model.head.bias.grad)) <= 15
 
 
+def test_resuming_with_another_hypernetwork_kind_starts_it_afresh(tmp_path):
+    seed_everything(0)
+    first = GradientQuantization(bits=4, compensation="hypernet", hypernet="mlp")
+    trainer(tmp_path, [first], max_steps=3).fit(SmallNet(), digits_loader())
+    saved = first.state_dict()
+    assert saved["hypernet_kind"] == "mlp"
+    second = GradientQuantization(bits=4, compensation="hypernet", hypernet="linear")
+    with pytest.warns(UserWarning, match="hypernet_kind: 'mlp' -> 'linear'"):
+        second.load_state_dict(saved)
+    trainer(tmp_path, [second], max_steps=3).fit(SmallNet(), digits_loader())
+    assert second.hypernet.net.kind == "linear" and second.hypernet.net.hidden.weight.shape == (100, 1)
+
+
 # ----------------------------------------------------------------------------------- bad settings
 @pytest.mark.parametrize(
     ("kwargs", "message"),
