@@ -140,6 +140,29 @@ def test_resuming_with_another_hypernetwork_kind_starts_it_afresh(tmp_path):
     assert second.hypernet.net.kind == "linear" and second.hypernet.net.hidden.weight.shape == (100, 1)
 
 
+class BareParameterNet(LightningModule):
+    """A model without Linear/Conv layers: nothing for ``hypernet_targets: weights``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(16 * 16, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(x.flatten(1) @ self.weight, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_hypernet_on_weights_without_linear_or_conv_fails_before_the_first_batch(tmp_path):
+    model = BareParameterNet()
+    callback = GradientQuantization(bits=4, targets="weights", compensation="hypernet", hypernet_targets="weights")
+    with pytest.raises(StackError, match="hypernet_targets='weights'.*Fix: use hypernet_targets 'all'"):
+        trainer(tmp_path, [callback]).fit(model, digits_loader())
+    assert model.weight.abs().sum() == 0  # no step was taken
+
+
 # ----------------------------------------------------------------------------------- bad settings
 @pytest.mark.parametrize(
     ("kwargs", "message"),
