@@ -1,18 +1,25 @@
-"""Gradient quantization on the digits: accuracy and quantization error of FP32, INT8, INT4 plain,
-INT4 with error feedback and INT4 with the MetaGrad hypernetwork (one process, same seeds, same
-epochs), and a 2-process DDP run measuring communicated bytes and step time of the fp32 all-reduce
-against the INT8 and INT4 all-gather.
+"""Gradient quantization on the cluttered digits: accuracy and quantization error of fp32, INT8, and
+INT4 / INT3 gradients (weights, activations or both), plain, with error feedback (stochastic and
+round-to-nearest) and with the MetaGrad hypernetwork (MetaQuant's linear meta-network and the tanh
+MLP), 5 paired seeds; and a 2-process DDP run measuring communicated bytes and step time of the fp32
+all-reduce against the INT8 and INT4 all-gather.
 
-Two settings, each a whole training run through `GradientQuantization` on a Lightning Trainer:
-  cnn  the config's model (timm test_resnet, 0.37M parameters), AdamW + OneCycle, 8 epochs
-  vit  a tiny timm ViT (16 px, 4 px patches, width 64, depth 4), AdamW 2e-3, 10 epochs: here plain
-       INT4 (weight and activation gradients) costs accuracy, so compensation has something to win
-Accuracy is measured on the 540 held-out images (validation + test splits).
+Two settings, each a whole training run through `GradientQuantization` on a Lightning Trainer, with
+MetaQuant's recipe: SGD with momentum for the model (the hypernetwork is trained through the SGD
+update; Adam renormalises it away), meta learning rate 1e-3, the hypernetwork on conv and linear
+weights only:
+  cnn  timm ``stacktrain_vgg`` (BN VGG-style, width 32) at 32 px, SGD 0.1, momentum 0.9, weight decay
+       5e-4, OneCycle, 8 epochs (0.89 dense on the cluttered digits in the calibration)
+  vit  a tiny timm ViT (16 px, 4 px patches, width 64, depth 4), SGD 0.05, momentum 0.9, weight decay
+       5e-4, OneCycle, 10 epochs (this recipe is not calibrated on the cluttered digits)
+``--optimizer adamw`` runs the earlier AdamW recipe instead. Accuracy is measured on the held-out images
+(validation + test splits).
 
 The DDP part runs ``python train.py fit --config configs/grad_quant_int4.yaml`` as 2 CPU processes
-(gloo) with a full-precision backward, so only the communication differs between the variants.
+(gloo) with a full-precision backward, so only the communication differs between the variants
+(benchmarks/two_nodes.py measures it between two network namespaces over a rate-limited link).
 
-    python benchmarks/grad_quant.py [--seeds 0 1 2] [--settings cnn vit] [--ddp-steps 40] [--small]
+    python benchmarks/grad_quant.py [--seeds 0 1 2 3 4] [--settings cnn vit] [--variants ...] [--ddp-steps 40] [--small]
 """
 
 from __future__ import annotations
@@ -60,31 +67,68 @@ SCOPE = [
 ]
 
 SETTINGS: dict[str, dict[str, Any]] = {
-    "cnn": dict(model_name="test_resnet", model_kwargs={}, lr=3e-3, weight_decay=0.05, one_cycle=True, epochs=8),
+    "cnn": dict(model_name="stacktrain_vgg", model_kwargs={"width": 32}, image_size=None, lr=0.1, weight_decay=5e-4,
+                adamw_lr=3e-3, adamw_weight_decay=0.05, one_cycle=True, epochs=8),
     "vit": dict(model_name="vit_tiny_patch16_224",
                 model_kwargs=dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
-                lr=2e-3, weight_decay=0.01, one_cycle=False, epochs=10),
+                image_size=16, lr=0.05, weight_decay=5e-4, adamw_lr=2e-3, adamw_weight_decay=0.01, one_cycle=True,
+                epochs=10),
 }
 
-VARIANTS: dict[str, dict[str, Any] | None] = {
-    "fp32": None,
-    "int8": dict(bits=8),
-    "int4": dict(bits=4),
-    "int4_error_feedback": dict(bits=4, compensation="error_feedback"),
-    "int4_hypernet": dict(bits=4, compensation="hypernet"),
-}
+#: MetaQuant's recipe for the hypernetwork: the linear meta-network on conv and linear weights, meta lr 1e-3.
+METAQUANT: dict[str, Any] = dict(compensation="hypernet", hypernet="linear", hypernet_targets="weights", meta_lr=1e-3)
+#: The bit widths whose plain loss and compensation the verdicts judge.
+LOW_BITS = (4, 3)
+
+
+def _variants() -> dict[str, dict[str, Any] | None]:
+    variants: dict[str, dict[str, Any] | None] = {"fp32": None, "int8": dict(bits=8)}
+    for bits in LOW_BITS:
+        name = f"int{bits}"
+        variants[name] = dict(bits=bits)  # weights and activations
+        variants[f"{name}_weights"] = dict(bits=bits, targets="weights")
+        variants[f"{name}_activations"] = dict(bits=bits, targets="activations")
+        variants[f"{name}_error_feedback"] = dict(bits=bits, compensation="error_feedback")
+        variants[f"{name}_error_feedback_nearest"] = dict(bits=bits, compensation="error_feedback",
+                                                          stochastic_rounding=False)
+        variants[f"{name}_hypernet"] = dict(bits=bits, **METAQUANT)
+        variants[f"{name}_hypernet_mlp"] = dict(bits=bits, **dict(METAQUANT, hypernet="mlp"))
+        variants[f"{name}_weights_hypernet"] = dict(bits=bits, targets="weights", **METAQUANT)
+    return variants
+
+
+VARIANTS: dict[str, dict[str, Any] | None] = _variants()
+
+
+def plain_of(variant: str) -> str | None:
+    """The plain variant a compensated one is judged against (same bits and targets), or None."""
+    for suffix in ("_error_feedback_nearest", "_error_feedback", "_hypernet_mlp", "_hypernet"):
+        if variant.endswith(suffix):
+            return variant[: -len(suffix)]
+    return None
+
+
+def compensated(plain: str, names: Any) -> list[str]:
+    """The compensated variants of ``plain`` among ``names``."""
+    return [name for name in names if plain_of(name) == plain]
+
 
 COMMUNICATION: dict[str, int | None] = {"fp32_allreduce": None, "int8_allgather": 8, "int4_allgather": 4}
 
 
-def make_model(setting: dict[str, Any], channels: int = 1) -> ImageClassifier:
+def make_model(setting: dict[str, Any], channels: int = 1, optimizer: str = "sgd") -> ImageClassifier:
     import functools
 
-    optimizer = functools.partial(torch.optim.AdamW, lr=setting["lr"], weight_decay=setting["weight_decay"])
-    scheduler = (functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=setting["lr"], pct_start=0.15)
+    if optimizer == "sgd":  # MetaQuant's: the hypernetwork is trained through the SGD update
+        lr = setting["lr"]
+        make = functools.partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=setting["weight_decay"])
+    else:
+        lr = setting["adamw_lr"]
+        make = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=setting["adamw_weight_decay"])
+    scheduler = (functools.partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=lr, pct_start=0.15)
                  if setting["one_cycle"] else None)
     return ImageClassifier(setting["model_name"], num_classes=10, in_chans=channels, model_kwargs=setting["model_kwargs"],
-                           optimizer=optimizer, lr_scheduler=scheduler)
+                           optimizer=make, lr_scheduler=scheduler)
 
 
 def held_out_accuracy(model: LightningModule, data: Any) -> float:
@@ -100,17 +144,20 @@ def held_out_accuracy(model: LightningModule, data: Any) -> float:
     return correct / total
 
 
-def make_data(spec: str, small: bool = False) -> Any:
-    """``--data`` at 16 px (the settings' ViT size); a local data set is RGB."""
+def make_data(spec: str, small: bool = False, image_size: int | None = 16) -> Any:
+    """``--data`` at the setting's size (None: the data's own, 32 px for the cluttered digits; a local
+    data set then at 32 px); a local data set is RGB."""
     local = spec not in ("digits", "cluttered")
-    return classification_data(spec, batch_size=64, image_size=16, channels=3 if local else 1, small=small)
+    if local and image_size is None:
+        image_size = 32
+    return classification_data(spec, batch_size=64, image_size=image_size, channels=3 if local else 1, small=small)
 
 
 def accuracy_run(setting: dict[str, Any], variant: dict[str, Any] | None, seed: int, epochs: int,
-                 limit_batches: int | None, data_spec: str = "digits") -> dict[str, Any]:
+                 limit_batches: int | None, data_spec: str = "cluttered", optimizer: str = "sgd") -> dict[str, Any]:
     seed_everything(seed)
-    data = make_data(data_spec, small=limit_batches is not None)
-    model = make_model(setting, data.channels)
+    data = make_data(data_spec, small=limit_batches is not None, image_size=setting.get("image_size", 16))
+    model = make_model(setting, data.channels, optimizer)
     callback = GradientQuantization(seed=seed, **variant) if variant is not None else None
     trainer = Trainer(
         accelerator="cpu", devices=1, max_epochs=epochs, limit_train_batches=limit_batches, limit_val_batches=0,
@@ -129,15 +176,17 @@ def accuracy_run(setting: dict[str, Any], variant: dict[str, Any] | None, seed: 
 
 
 def accuracy_table(setting_name: str, seeds: list[int], epochs: int, limit_batches: int | None,
-                   data_spec: str = "digits") -> dict[str, Any]:
+                   data_spec: str = "cluttered", variants: list[str] | None = None,
+                   optimizer: str = "sgd") -> dict[str, Any]:
     setting = SETTINGS[setting_name]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    names = [name for name in VARIANTS if variants is None or name in variants]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for seed in seeds:  # variants take turns within a seed, so machine load drifts over all alike
-        for name, variant in VARIANTS.items():
-            runs[name].append(accuracy_run(setting, variant, seed, epochs, limit_batches, data_spec))
+        for name in names:
+            runs[name].append(accuracy_run(setting, VARIANTS[name], seed, epochs, limit_batches, data_spec, optimizer))
             print(f"  {setting_name} seed {seed} {name}: acc {runs[name][-1]['acc']:.4f}", flush=True)
     rows: dict[str, dict[str, Any]] = {}
-    fp32 = statistics.fmean(r["acc"] for r in runs["fp32"])
+    fp32 = statistics.fmean(r["acc"] for r in runs["fp32"]) if "fp32" in runs else float("nan")
     for name, results in runs.items():
         accs = [r["acc"] for r in results]
         rows[name] = {
@@ -149,12 +198,14 @@ def accuracy_table(setting_name: str, seeds: list[int], epochs: int, limit_batch
             "rel_error_activations": statistics.fmean(r["rel_error_activations"] for r in results),
             "cpu_s": statistics.fmean(r["cpu_s"] for r in results),
         }
-    int4_loss = fp32 - rows["int4"]["acc_mean"]
-    for name in ("int4_error_feedback", "int4_hypernet"):
-        loss = fp32 - rows[name]["acc_mean"]
-        rows[name]["loss_share_of_plain_int4"] = loss / int4_loss if int4_loss > 0 else float("nan")
+    for name in rows:  # a compensated variant's loss as a share of its plain variant's (same bits, targets)
+        plain = plain_of(name)
+        if plain in rows:
+            plain_loss = fp32 - rows[plain]["acc_mean"]
+            loss = fp32 - rows[name]["acc_mean"]
+            rows[name]["loss_share_of_plain"] = loss / plain_loss if plain_loss > 0 else float("nan")
     return {"setting": dict(setting), "seeds": seeds, "epochs": epochs, "rows": rows, "data": data_spec,
-            "runs": {name: results for name, results in runs.items()}}
+            "optimizer": optimizer, "runs": {name: results for name, results in runs.items()}}
 
 
 # --------------------------------------------------------------------------------------------- DDP
@@ -232,15 +283,20 @@ def report(payload: dict[str, Any]) -> str:
     """The Markdown report of a payload of ``main`` (also a JSON it wrote): one accuracy table per
     setting and, when the DDP part ran, the bytes and step times of the communication variants (a
     payload whose DDP part was measured in a later run dates it in ``ddp_measured``)."""
-    columns = ["acc_mean", "acc_std", "points_vs_fp32", "loss_share_of_plain_int4", "rel_error_weights",
-               "rel_error_activations", "cpu_s", "acc_per_seed"]
     lines: list[str] = []
     for name, result in payload["accuracy"].items():
         setting = result["setting"]
+        share = "loss_share_of_plain_int4" if any("loss_share_of_plain_int4" in row for row in result["rows"].values()) \
+            else "loss_share_of_plain"
+        columns = ["acc_mean", "acc_std", "points_vs_fp32", share, "rel_error_weights", "rel_error_activations",
+                   "cpu_s", "acc_per_seed"]
         model = ", ".join([setting["model_name"], *(f"{k} {v}" for k, v in setting["model_kwargs"].items())])
-        lines += [f"{name} ({model}) on {data_name(result.get('data', 'digits'))}: {result['epochs']} epochs, "
-                  f"seeds {result['seeds']}, accuracy on the held-out images (validation and test); points_vs_fp32 in accuracy points, loss_share_of_plain_int4: "
-                  "the compensated variant's loss against plain INT4's (nan where plain INT4 lost nothing).",
+        recipe = {"sgd": f"SGD {setting.get('lr')} momentum 0.9", "adamw": "AdamW"}.get(result.get("optimizer", "adamw"),
+                                                                                       "AdamW")
+        lines += [f"{name} ({model}; {recipe}) on {data_name(result.get('data', 'digits'))}: {result['epochs']} epochs, "
+                  f"seeds {result['seeds']}, accuracy on the held-out images (validation and test); points_vs_fp32 in "
+                  f"accuracy points; {share}: the compensated variant's loss against its plain variant's (same bits "
+                  "and targets; nan where the plain variant lost nothing)." + (_LEGEND if "optimizer" in result else ""),
                   "", table(result["rows"], columns), ""]
     ddp = payload.get("ddp") or {}
     if ddp:
@@ -252,30 +308,49 @@ def report(payload: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip()
 
 
+_LEGEND = (" Variants: intK = weight and activation gradients at K bits, _weights / _activations = only those, "
+           "_hypernet = MetaQuant's linear meta-network on conv/linear weights (meta lr 1e-3), _hypernet_mlp = the "
+           "tanh MLP there, _error_feedback(_nearest) = error feedback with stochastic rounding (round to nearest).")
+
+
+def _recovery_verdict(name: str, plain: str, accs: dict[str, list[float]], data: str) -> dict[str, str] | None:
+    """Does the best compensation of ``plain`` recover at least half of what ``plain`` loses (shown only
+    where ``plain`` loses at least 3 points)?"""
+    candidates = compensated(plain, accs)
+    if plain not in accs or "fp32" not in accs or not candidates:
+        return None
+    fp32 = accs["fp32"]
+    loss = statistics.fmean(fp32) - statistics.fmean(accs[plain])
+    room = task_headroom(fp32, data, effects={f"plain {plain} loses at least 3 points": (loss, 0.03)})
+    best = max(candidates, key=lambda v: statistics.fmean(accs[v]))
+    stats = paired(accs[plain], accs[best])
+    outcome = compare(stats, "beats", 0.0, room["ok"])
+    if outcome == HOLDS and stats["diff_mean"] < loss / 2:
+        outcome = FAILS
+    return verdict(f"{name}: compensated {plain} ({best}) recovers at least half of plain {plain}'s loss",
+                   outcome, f"plain {plain} loses {100 * loss:.2f} points; {best} - {plain}: " + interval_text(stats),
+                   reason=room["reason"], paper="MetaGrad: VGG-16 CIFAR-10 INT4 within 0.64 points")
+
+
 def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
-    """Issue 19's claims per setting: INT8 matches fp32; compensated INT4 recovers at least half of what
-    plain INT4 loses (shown only where plain INT4 loses at least 3 points); then the bytes and step time
-    of compressed DDP communication."""
+    """Issue 19's claims per setting: INT8 matches fp32; for INT4 and INT3 (weights and activations, and
+    weights only), the best compensation recovers at least half of what the plain variant loses (shown
+    only where it loses at least 3 points); then the bytes and step time of compressed DDP communication."""
     rows = []
     for name, result in payload["accuracy"].items():
         accs = {variant: [run["acc"] for run in runs] for variant, runs in result["runs"].items()}
-        fp32, int4 = accs["fp32"], accs["int4"]
         data = result.get("data", "digits")
-        loss = statistics.fmean(fp32) - statistics.fmean(int4)
-        base_room = task_headroom(fp32, data)
-        stats = paired(fp32, accs["int8"])
-        rows.append(verdict(f"{name}: INT8 gradients within 0.5 points of fp32",
-                            compare(stats, "matches", 0.005, base_room["ok"]), "INT8 - fp32: " + interval_text(stats),
-                            reason=base_room["reason"], paper="Distribution-Adaptive INT8: almost lossless"))
-        room = task_headroom(fp32, data, effects={"plain INT4 loses at least 3 points": (loss, 0.03)})
-        best = max(("int4_error_feedback", "int4_hypernet"), key=lambda v: statistics.fmean(accs[v]))
-        stats = paired(int4, accs[best])
-        outcome = compare(stats, "beats", 0.0, room["ok"])
-        if outcome == HOLDS and stats["diff_mean"] < loss / 2:
-            outcome = FAILS
-        rows.append(verdict(f"{name}: compensated INT4 ({best}) recovers at least half of plain INT4's loss",
-                            outcome, f"plain INT4 loses {100 * loss:.2f} points; {best} - INT4: " + interval_text(stats),
-                            reason=room["reason"], paper="MetaGrad: VGG-16 CIFAR-10 INT4 within 0.64 points"))
+        if "fp32" in accs and "int8" in accs:
+            base_room = task_headroom(accs["fp32"], data)
+            stats = paired(accs["fp32"], accs["int8"])
+            rows.append(verdict(f"{name}: INT8 gradients within 0.5 points of fp32",
+                                compare(stats, "matches", 0.005, base_room["ok"]), "INT8 - fp32: " + interval_text(stats),
+                                reason=base_room["reason"], paper="Distribution-Adaptive INT8: almost lossless"))
+        for bits in LOW_BITS:
+            for plain in (f"int{bits}", f"int{bits}_weights"):
+                row = _recovery_verdict(name, plain, accs, data)
+                if row is not None:
+                    rows.append(row)
     ddp = payload.get("ddp") or {}
     if "int4_allgather" in ddp:
         int4 = ddp["int4_allgather"]
@@ -290,12 +365,16 @@ def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments = parser(__doc__.split("\n\n")[0])
-    arguments.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    arguments.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="paired seeds")
     arguments.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS),
                            help="accuracy settings to run (none: only the DDP part)")
+    arguments.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                           help="accuracy variants to run (default: all; fp32 is always run, it is the reference)")
+    arguments.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
+                           help="sgd: MetaQuant's recipe (default); adamw: the earlier recipe")
     arguments.add_argument("--ddp-steps", type=int, default=40)
     arguments.add_argument("--skip-ddp", action="store_true", help="only the one-process accuracy comparison")
-    add_data_argument(arguments, default="digits")
+    add_data_argument(arguments, default="cluttered")
     args = arguments.parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -303,7 +382,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {"accuracy": {}, "ddp": {}}
     for name in args.settings:
         epochs = 1 if args.small else SETTINGS[name]["epochs"]
-        payload["accuracy"][name] = accuracy_table(name, seeds, epochs, 3 if args.small else None, args.data)
+        variants = None if args.variants is None else ["fp32", *args.variants]
+        payload["accuracy"][name] = accuracy_table(name, seeds, epochs, 3 if args.small else None, args.data, variants,
+                                                   args.optimizer)
     if not (args.skip_ddp or args.small):
         workdir = Path(tempfile.mkdtemp(prefix="stacktrain-gq-ddp-"))
         rows = {name: ddp_run(bits, args.ddp_steps, workdir) for name, bits in COMMUNICATION.items()}

@@ -111,6 +111,58 @@ def test_trains_on_digits_and_logs_under_its_name(tmp_path, compensation):
     assert len(callback.error_log["weights"]) == 4  # the error is measured on the logged steps only
 
 
+def test_linear_hypernetwork_on_weights_only_leaves_biases_a_plain_quantized_step(tmp_path):
+    """MetaQuant's recipe: the linear meta-network (hidden 100) sees conv and linear weights only."""
+    seed_everything(0)
+    model = SmallNet()
+    callback = GradientQuantization(bits=4, targets="weights", compensation="hypernet", hypernet="linear",
+                                    hypernet_targets="weights", meta_lr=1e-3)
+    trainer(tmp_path, [callback], max_steps=5).fit(model, digits_loader())
+    net = callback.hypernet.net
+    assert net.kind == "linear" and net.hidden.weight.shape == (100, 1)
+    assert set(callback.hypernet.previous) == {"conv.weight", "head.weight"}
+    gain = float(net.output.weight @ net.hidden.weight)  # H(g) = (1 + gain) g
+    assert 0 < abs(gain) < 0.5  # trained (it starts at 0) by four steps of Adam at 1e-3
+    # the bias's gradient went through 4 bits and nothing else: at most 15 distinct values
+    assert len(torch.unique(model.head.bias.grad)) <= 15
+
+
+def test_resuming_with_another_hypernetwork_kind_starts_it_afresh(tmp_path):
+    seed_everything(0)
+    first = GradientQuantization(bits=4, compensation="hypernet", hypernet="mlp")
+    trainer(tmp_path, [first], max_steps=3).fit(SmallNet(), digits_loader())
+    saved = first.state_dict()
+    assert saved["hypernet_kind"] == "mlp"
+    second = GradientQuantization(bits=4, compensation="hypernet", hypernet="linear")
+    with pytest.warns(UserWarning, match="hypernet_kind: 'mlp' -> 'linear'"):
+        second.load_state_dict(saved)
+    trainer(tmp_path, [second], max_steps=3).fit(SmallNet(), digits_loader())
+    assert second.hypernet.net.kind == "linear" and second.hypernet.net.hidden.weight.shape == (100, 1)
+
+
+class BareParameterNet(LightningModule):
+    """A model without Linear/Conv layers: nothing for ``hypernet_targets: weights``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(16 * 16, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(x.flatten(1) @ self.weight, y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_hypernet_on_weights_without_linear_or_conv_fails_before_the_first_batch(tmp_path):
+    model = BareParameterNet()
+    callback = GradientQuantization(bits=4, targets="weights", compensation="hypernet", hypernet_targets="weights")
+    with pytest.raises(StackError, match="hypernet_targets='weights'.*Fix: use hypernet_targets 'all'"):
+        trainer(tmp_path, [callback]).fit(model, digits_loader())
+    assert model.weight.abs().sum() == 0  # no step was taken
+
+
 # ----------------------------------------------------------------------------------- bad settings
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -125,6 +177,9 @@ def test_trains_on_digits_and_logs_under_its_name(tmp_path, compensation):
         (dict(bits=None, compensation="hypernet"), "has nothing to compensate"),
         (dict(meta_lr=0.0), "meta_lr=0.0 is out of range"),
         (dict(hypernet_inputs="weight"), "hypernet_inputs='weight' is not one of"),
+        (dict(hypernet="lstm"), "hypernet='lstm' is not a hypernetwork kind"),
+        (dict(hypernet_targets="biases"), "hypernet_targets='biases' is not one of"),
+        (dict(hypernet_hidden=0), "hypernet_hidden=0 is out of range"),
     ],
 )
 def test_bad_settings_raise_a_stack_error_naming_the_key(kwargs, message):
@@ -178,15 +233,20 @@ def test_the_config_runs(tmp_path):
     assert cli.trainer.global_step == 3
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, GradientQuantization))
     assert callback.bits == 4 and callback.compensation == "hypernet" and callback.communication_bits == 4
+    assert callback.hypernet.net.kind == "linear" and callback.hypernet_targets == "weights" and callback.meta_lr == 1e-3
+    assert isinstance(cli.model.optimizers().optimizer, torch.optim.SGD)
     assert callback.comm is None  # one process: nothing to communicate
 
 
 # ----------------------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("compensation", ["error_feedback", "hypernet"])
+@pytest.mark.parametrize("compensation", ["error_feedback", "hypernet", "hypernet_linear"])
 def test_stop_and_resume_is_exact_with_hypernetwork_and_residuals(tmp_path, compensation):
+    options = (dict(compensation="hypernet", hypernet="linear", hypernet_targets="weights", meta_lr=1e-3)
+               if compensation == "hypernet_linear" else dict(compensation=compensation))
+    compensation = options["compensation"]
     runs = stop_and_resume(
         SmallNet, lambda: DigitsDataModule(batch_size=64),
-        lambda: [GradientQuantization(bits=4, compensation=compensation), ExactResume()],
+        lambda: [GradientQuantization(bits=4, **options), ExactResume()],
         total=9, stop_at=4, root=tmp_path,
     )
     assert_resumed_exactly(runs)  # weights and technique state (hypernetwork, residuals, seed)
@@ -382,10 +442,34 @@ def test_benchmark_small_mode_writes_its_table(tmp_path):
     from benchmarks import grad_quant
 
     out = tmp_path / "grad_quant.json"
-    grad_quant.main(["--small", "--settings", "cnn", "--out", str(out)])
+    grad_quant.main(["--small", "--settings", "cnn", "--variants", "int8", "int4", "int4_hypernet",
+                     "int4_error_feedback_nearest", "--out", str(out)])
     payload = json.loads(out.read_text())
-    rows = payload["accuracy"]["cnn"]["rows"]
-    assert set(rows) == {"fp32", "int8", "int4", "int4_error_feedback", "int4_hypernet"}
+    result = payload["accuracy"]["cnn"]
+    rows = result["rows"]
+    assert result["data"] == "cluttered" and result["optimizer"] == "sgd" and result["setting"]["model_name"] == "stacktrain_vgg"
+    assert set(rows) == {"fp32", "int8", "int4", "int4_hypernet", "int4_error_feedback_nearest"}
     assert rows["fp32"]["rel_error_weights"] == 0.0
     assert 0 < rows["int8"]["rel_error_weights"] < rows["int4"]["rel_error_weights"] < 1
+    assert "loss_share_of_plain" in rows["int4_hypernet"] and "loss_share_of_plain" not in rows["int4"]
     assert payload["ddp"] == {}  # the DDP part is left out of the small mode
+    claims = [row["claim"] for row in grad_quant.verdicts(payload)]
+    assert any("compensated int4 (int4_" in claim for claim in claims)
+    assert "loss_share_of_plain" in grad_quant.report(payload)
+
+
+def test_benchmark_variants_pair_each_compensation_with_its_plain_variant():
+    from benchmarks import grad_quant
+
+    variants = grad_quant.VARIANTS
+    assert variants["int4_hypernet"] == dict(bits=4, compensation="hypernet", hypernet="linear",
+                                             hypernet_targets="weights", meta_lr=1e-3)
+    assert variants["int3_weights_hypernet"]["targets"] == "weights"
+    assert variants["int4_error_feedback_nearest"]["stochastic_rounding"] is False
+    assert grad_quant.plain_of("int3_weights_hypernet") == "int3_weights"
+    assert grad_quant.plain_of("int4_error_feedback_nearest") == "int4"
+    assert sorted(grad_quant.compensated("int4", variants)) == [
+        "int4_error_feedback", "int4_error_feedback_nearest", "int4_hypernet", "int4_hypernet_mlp"]
+    for options in variants.values():  # every variant is a valid setting
+        if options is not None:
+            grad_quant.GradientQuantization(**options)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stacktrain.errors import StackError
-from stacktrain.functional.metagrad import GradientHyperNetwork, MetaGradCompensation
+from stacktrain.functional.metagrad import GradientHyperNetwork, MetaGradCompensation, hypernet_parameter_names
 from stacktrain.functional.quantize import (
     GradientQuantizer,
     dequantize,
@@ -221,6 +221,36 @@ def test_error_feedback_carries_the_residual_and_tracks_the_sum():
     assert relative_error(total_true, total_ef) < 0.1 < relative_error(total_true, total_plain)
 
 
+def test_error_feedback_with_stochastic_rounding_keeps_the_exact_sum_and_beats_plain_rounding():
+    """Stochastic rounding: the quantized sum plus the residual is the true sum to float precision, each
+    residual lies within one step of its corrected gradient (round to nearest: half a step, above), and
+    the sum tracks the true sum far better than plain stochastic rounding's."""
+    param = nn.Parameter(torch.zeros(64))
+    model = nn.Module()
+    model.p = param
+    quantizer = GradientQuantizer(2, "weights", stochastic=True, error_feedback=True).attach(model)
+    plain = GradientQuantizer(2, "weights", stochastic=True)
+    quantizer.reseed(1)
+    plain.reseed(1)
+    g = torch.linspace(-1.0, 1.0, 64) * torch.logspace(-2, 0, 64)
+    total_true, total_ef, total_plain = torch.zeros(64), torch.zeros(64), torch.zeros(64)
+    residual = torch.zeros(64)
+    for _ in range(200):
+        step = float((g + residual).abs().max()) / max_code(2)
+        param.grad = None
+        (param * g).sum().backward()
+        quantizer.commit()
+        residual = quantizer.residuals["p"]
+        assert float(residual.abs().max()) < step * (1 + 1e-6)
+        assert float(residual.abs().max()) > 0
+        total_true += g
+        total_ef += param.grad
+        total_plain += plain.quantize_weight_gradient("p", g)
+    assert torch.allclose(total_true, total_ef + residual, atol=1e-5)
+    # the residual's share of the sum falls as 1/steps, plain rounding noise's as 1/sqrt(steps): 0.0098 against 0.062
+    assert relative_error(total_true, total_ef) < 0.02 < 0.05 < relative_error(total_true, total_plain)
+
+
 def test_error_feedback_rollback_and_loss_scale():
     model = nn.Module()
     model.p = nn.Parameter(torch.zeros(4))
@@ -265,17 +295,44 @@ def test_hypernetwork_starts_as_identity_and_is_odd_and_scale_equivariant():
     assert with_weight(g, torch.randn(5, 7)).shape == g.shape
 
 
-def test_meta_gradient_equals_building_the_update_into_the_next_forward():
+def test_linear_hypernetwork_is_a_learned_gain():
+    """MetaQuant's linear meta-network: H(g) = (1 + W2 W1) g, bias-free, identity at the start."""
+    net = GradientHyperNetwork(100, generator=generator(), kind="linear")
+    assert net.hidden.weight.shape == (100, 1) and net.hidden.bias is None and net.output.bias is None
+    g = torch.randn(6, 5, generator=generator(1))
+    assert torch.allclose(net(g), g)
+    with torch.no_grad():
+        net.output.weight.copy_(0.01 * net.hidden.weight.T)
+    gain = 1 + 0.01 * float(net.hidden.weight.pow(2).sum())  # about 2
+    assert gain > 1.5
+    assert torch.allclose(net(g), gain * g, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(net(3 * g + 1), gain * (3 * g + 1), rtol=1e-5, atol=1e-6)  # linear, not only odd
+    with pytest.raises(StackError, match="hypernet='rnn'"):
+        GradientHyperNetwork(4, kind="rnn")
+
+
+def test_hypernet_targets_pick_conv_and_linear_weights():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    model.pos = nn.Parameter(torch.zeros(3))
+    model[3].bias.requires_grad_(False)
+    assert hypernet_parameter_names(model, "weights") == {"0.weight", "3.weight"}
+    assert hypernet_parameter_names(model, "all") == {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "pos"}
+    with pytest.raises(StackError, match="hypernet_targets='convs'"):
+        hypernet_parameter_names(model, "convs")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_meta_gradient_equals_building_the_update_into_the_next_forward(kind):
     """The hypernetwork's gradient from `MetaGradCompensation` equals the one autograd gives when
     the next forward uses w_next = w - lr * H(g) (MetaQuant's injection, via functional_call)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     x1, y1, x2, y2 = torch.randn(16, 5), torch.randint(0, 3, (16,)), torch.randn(16, 5), torch.randint(0, 3, (16,))
     lr = 0.1
-    meta = MetaGradCompensation(hidden=4, seed=3)
+    meta = MetaGradCompensation(hidden=4, seed=3, kind=kind)
     with torch.no_grad():
         meta.net.output.weight.normal_(generator=generator(4))  # not the identity any more
-    reference_net = GradientHyperNetwork(4, generator=generator())
+    reference_net = GradientHyperNetwork(4, generator=generator(), kind=kind)
     reference_net.load_state_dict(meta.net.state_dict())
     named = [(n, p, lr) for n, p in model.named_parameters()]
 
@@ -470,3 +527,28 @@ def test_compressed_hook_turns_a_non_finite_bucket_into_nan_for_the_grad_scaler(
     x[0, 0] = float("inf")
     ddp(x).sum().backward()
     assert not torch.isfinite(model.weight.grad).any() and not torch.isfinite(model.bias.grad).any()
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_compressed_hook_gives_each_parameter_exactly_its_own_quantization(single_process_group, stochastic):
+    """The whole-bucket hook sends, per parameter, exactly `quantize` with that parameter's own scale and
+    its own seeded noise stream (so exact resume and the bucket-layout independence hold)."""
+    from stacktrain.functional.quantize import CompressedCommState, _Generators, quantized_allgather_hook
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+    F.cross_entropy(model(x), y).backward()
+    reference = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = CompressedCommState(4, stochastic=stochastic)
+    state.index_parameters(model)
+    ddp.register_comm_hook(state, quantized_allgather_hook)
+    state.reseed(11)
+    F.cross_entropy(ddp(x), y).backward()
+    streams = _Generators()
+    streams.reseed(11)
+    for index, (parameter, grad) in enumerate(zip(model.parameters(), reference)):
+        q = quantize(grad.flatten(), 4, stochastic=stochastic, generator=streams.for_parameter(grad.device, index))
+        assert torch.equal(parameter.grad.flatten(), dequantize(q))

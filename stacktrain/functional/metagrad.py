@@ -22,9 +22,18 @@ all-reduced) and learning rate ``lr``:
   tests/test_grad_quant_functional.py checks the two against each other.
 
 ``H`` is element-wise and scale-equivariant: ``H(g) = s * (x + MLP(x))`` with ``x = g / s`` and
-``s`` the RMS of the tensor's finite entries. The MLP (bias-free, tanh) has its output layer at
-zero, so training starts as plain quantized SGD; with the gradient as the only input it is an odd
-function (a learned, symmetric shrinkage/expansion of gradient values).
+``s`` the RMS of the tensor's finite entries. Two kinds (`HYPERNET_KINDS`):
+
+* ``"mlp"``: bias-free, tanh; with the gradient as the only input an odd function (a learned,
+  symmetric shrinkage/expansion of gradient values);
+* ``"linear"``: MetaQuant's reported meta-network ("MetaFC", Nonlinear-None): two bias-free linears
+  1 -> hidden -> 1 without a nonlinearity, so ``H(g) = (1 + a) * g`` with the learned gain
+  ``a = W2 W1`` (per input feature); the RMS normalisation does not change a linear map.
+
+Both have their output layer at zero, so training starts as plain quantized SGD (MetaQuant starts
+from a random gain; a stated deviation: the identity start keeps the first steps those of plain SGD).
+Which tensors go through ``H`` is the caller's choice: MetaQuant's are the conv and linear weights,
+biases and norms take the plain (quantized) step.
 """
 
 from __future__ import annotations
@@ -39,11 +48,37 @@ from torch import nn
 from stacktrain.errors import require_choice, require_number
 from stacktrain.optim import all_finite
 
-__all__ = ["HYPERNET_INPUTS", "GradientHyperNetwork", "MetaGradCompensation", "ParamUpdate"]
+__all__ = ["HYPERNET_INPUTS", "HYPERNET_KINDS", "GradientHyperNetwork", "MetaGradCompensation", "ParamUpdate",
+           "HYPERNET_TARGETS", "default_hidden", "hypernet_parameter_names"]
 
 #: What the hypernetwork sees of each element: its gradient, or its gradient and its weight
 #: (MetaQuant's g * M(w) variant).
 HYPERNET_INPUTS = ("gradient", "gradient_and_weight")
+#: The hypernetwork's form: MetaQuant's linear meta-network, or an RMS-normalised tanh MLP.
+HYPERNET_KINDS = ("linear", "mlp")
+
+#: Which gradients go through the hypernetwork: conv and linear weights (MetaQuant's; biases, norms and
+#: embeddings take the plain step), or every trainable tensor.
+HYPERNET_TARGETS = ("weights", "all")
+
+
+def hypernet_parameter_names(model: nn.Module, targets: str) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the trainable tensors the hypernetwork transforms:
+    the ``weight`` of every Linear/Conv layer for ``"weights"``, every trainable tensor for ``"all"``."""
+    from stacktrain.functional.quantize import ACTIVATION_LAYERS
+
+    require_choice(targets, "hypernet_targets", HYPERNET_TARGETS, source="MetaGradCompensation")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if targets == "all":
+        return trainable
+    names = {f"{prefix}.weight" if prefix else "weight" for prefix, module in model.named_modules()
+             if isinstance(module, ACTIVATION_LAYERS) and getattr(module, "weight", None) is not None}
+    return names & trainable
+
+
+def default_hidden(kind: str) -> int:
+    """Hidden width when none is given: MetaQuant's 100 for ``linear``, 16 for ``mlp``."""
+    return 100 if kind == "linear" else 16
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +90,8 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 
 class GradientHyperNetwork(nn.Module):
-    """The shared element-wise network ``H``: ``H(g[, w]) = s * (x + W2 tanh(W1 [x, w / rms(w)]))``.
+    """The shared element-wise network ``H``: ``H(g[, w]) = s * (x + W2 f(W1 [x, w / rms(w)]))`` with
+    ``f = tanh`` (``kind="mlp"``) or the identity (``kind="linear"``).
 
     Args:
         hidden: width of the hidden layer (MetaQuant uses ~100 for 1-bit weights; a few dozen
@@ -63,12 +99,15 @@ class GradientHyperNetwork(nn.Module):
         inputs: ``"gradient"`` or ``"gradient_and_weight"`` (MetaQuant's g * M(w) variant).
         generator: initialises ``W1`` (``W2`` starts at zero); pass one so that creating the
             network does not draw from the global RNG.
+        kind: ``"mlp"`` or ``"linear"`` (`HYPERNET_KINDS`).
     """
 
-    def __init__(self, hidden: int = 16, inputs: str = "gradient", generator: torch.Generator | None = None) -> None:
+    def __init__(self, hidden: int = 16, inputs: str = "gradient", generator: torch.Generator | None = None,
+                 kind: str = "mlp") -> None:
         super().__init__()
         require_number(hidden, "hypernet_hidden", source=type(self).__name__, low=1, integer=True)
         self.inputs = require_choice(inputs, "hypernet_inputs", HYPERNET_INPUTS, source=type(self).__name__)
+        self.kind = require_choice(kind, "hypernet", HYPERNET_KINDS, source=type(self).__name__)
         features = 1 if inputs == "gradient" else 2
         self.hidden = nn.Linear(features, hidden, bias=False)
         self.output = nn.Linear(hidden, 1, bias=False)
@@ -87,7 +126,8 @@ class GradientHyperNetwork(nn.Module):
                 raise ValueError(f"GradientHyperNetwork(inputs={self.inputs!r}) needs the weight as context")
             c = context.detach().float().reshape(-1, 1)
             features = torch.cat([x, c / _rms(c)], dim=1)
-        correction = self.output(torch.tanh(self.hidden(features)))
+        hidden = self.hidden(features)
+        correction = self.output(torch.tanh(hidden) if self.kind == "mlp" else hidden)
         return ((x + correction) * scale).reshape(grad.shape)
 
 
@@ -113,11 +153,12 @@ class MetaGradCompensation:
     they are for the grad scaler (or the optimizer) to handle as without the hypernetwork.
     """
 
-    def __init__(self, hidden: int = 16, inputs: str = "gradient", meta_lr: float = 1e-2, seed: int = 0,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, hidden: int | None = None, inputs: str = "gradient", meta_lr: float = 1e-2, seed: int = 0,
+                 device: torch.device | str = "cpu", kind: str = "mlp") -> None:
         require_number(meta_lr, "meta_lr", source=type(self).__name__, low=0.0, low_inclusive=False)
         generator = torch.Generator().manual_seed(int(seed))
-        self.net = GradientHyperNetwork(hidden, inputs, generator=generator).to(device)
+        hidden = default_hidden(kind) if hidden is None else hidden
+        self.net = GradientHyperNetwork(hidden, inputs, generator=generator, kind=kind).to(device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=meta_lr)
         self.previous: dict[str, ParamUpdate] = {}
         self._pending: dict[str, ParamUpdate] = {}

@@ -402,6 +402,15 @@ class GradientQuantizer:
 _ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+class _BucketLayout(NamedTuple):
+    """What the hook needs to know of a bucket's parameters: sizes, model indices (their noise seeds)
+    and, per element, the position of its parameter in the bucket."""
+
+    sizes: list[int]
+    indices: list[int]
+    segment: torch.Tensor
+
+
 class CompressedCommState:
     """State of `quantized_allgather_hook`: the bit width, the rounding generators and the byte
     counters (what this rank handed to the collective, and what an fp32 all-reduce would have)."""
@@ -417,6 +426,8 @@ class CompressedCommState:
         #: id(parameter) -> its index in the model: seeds each parameter's rounding noise (set by
         #: `index_parameters`; a parameter not in it uses its position in the bucket)
         self.parameter_index: dict[int, int] = {}
+        #: per bucket layout (bucket index, its parameters, device): `_BucketLayout`, built once
+        self.layouts: dict[tuple[Any, ...], _BucketLayout] = {}
         self.bytes_sent = 0
         self.bytes_fp32 = 0
         self.buckets = 0
@@ -427,6 +438,7 @@ class CompressedCommState:
     def index_parameters(self, model: torch.nn.Module) -> None:
         """Number the model's parameters (their order in ``model.parameters()``)."""
         self.parameter_index = {id(p): i for i, p in enumerate(model.parameters())}
+        self.layouts = {}
 
     def take_counts(self) -> tuple[int, int, int]:
         """(bytes sent, fp32 all-reduce bytes, buckets) since the last call; resets the counters."""
@@ -435,51 +447,83 @@ class CompressedCommState:
         return counts
 
 
+def _bucket_layout(state: CompressedCommState, bucket: dist.GradBucket, device: torch.device) -> _BucketLayout:
+    """The bucket's parameter sizes, seeds and element-to-parameter map, computed once per bucket layout
+    (DDP keeps its buckets after the first steps) and reused."""
+    parameters = bucket.parameters()
+    key = (bucket.index(), tuple(id(p) for p in parameters), device)
+    layout = state.layouts.get(key)
+    if layout is None:
+        sizes = [g.numel() for g in bucket.gradients()]
+        indices = [state.parameter_index.get(id(p), position) for position, p in enumerate(parameters)]
+        repeats = torch.tensor(sizes, device=device)
+        segment = torch.repeat_interleave(torch.arange(len(sizes), device=device), repeats)
+        layout = state.layouts[key] = _BucketLayout(sizes, indices, segment)
+    return layout
+
+
+def _quantize_bucket(state: CompressedCommState, values: torch.Tensor,
+                     layout: _BucketLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every parameter's k-bit codes (its own max-abs scale, its own noise stream) in a few whole-bucket
+    operations: the same numbers as `quantize` called per parameter with ``for_parameter``'s generator.
+    Returns (codes, scales, whether every value is finite) without a host synchronisation."""
+    top = max_code(state.bits)
+    absmax = torch.zeros(len(layout.sizes), device=values.device).scatter_reduce_(
+        0, layout.segment, values.abs(), "amax", include_self=True)  # NaN and inf propagate
+    finite = torch.isfinite(absmax)
+    scale = torch.where(finite & (absmax > 0), absmax / top, torch.ones_like(absmax))
+    scaled = (values / scale.index_select(0, layout.segment)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    if state.stochastic:
+        noise = torch.empty_like(scaled)
+        start = 0
+        for size, index in zip(layout.sizes, layout.indices):  # one seeded draw per parameter, no other per-parameter work
+            torch.rand(size, generator=state.generators.for_parameter(values.device, index), out=noise[start : start + size])
+            start += size
+        scaled.add_(noise).floor_()
+    else:
+        scaled.round_()
+    return scaled.clamp_(-top, top).to(torch.int8), scale, finite.all()
+
+
 def quantized_allgather_hook(state: CompressedCommState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: k-bit gradients instead of an fp32 all-reduce.
 
     Each rank quantizes every parameter's gradient in the bucket with its own max-abs scale and its
     own rounding noise (seeded from the step's seed and the parameter's index in the model), packs
-    the codes (two per byte at 4 bits) and appends the float32 scales; one all-gather of these bytes,
-    then every rank dequantizes all ranks' gradients and averages them in rank order, so every rank
-    ends with the same gradient. Per parameter, not per bucket, so the result does not depend on how
-    DDP groups parameters into buckets (a resumed run's fresh DDP model groups them differently).
-    Works on gloo and NCCL. A non-finite value in a bucket is sent as non-finite scales, which makes
-    the whole averaged bucket non-finite on every rank: AMP's grad scaler then skips the step, as it
-    would after an fp32 all-reduce.
+    the codes (two per byte at 4 bits) and appends the float32 scales; one all-gather of these bytes
+    per bucket, then every rank dequantizes all ranks' gradients and averages them in rank order, so
+    every rank ends with the same gradient. Scales and noise are per parameter, not per bucket, so the
+    result does not depend on how DDP groups parameters into buckets (a resumed run's fresh DDP model
+    groups them differently); the work is done on the whole bucket at once (`_quantize_bucket`), and
+    DDP runs the hook as soon as a bucket's gradients are ready, so the all-gather of one bucket
+    overlaps the backward of the next. Works on gloo and NCCL. A non-finite value in a bucket is sent
+    as non-finite scales, which makes the whole averaged bucket non-finite on every rank: AMP's grad
+    scaler then skips the step, as it would after an fp32 all-reduce.
     """
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     buffer = bucket.buffer()
     values = buffer.detach().float()
-    sizes = [g.numel() for g in bucket.gradients()]
-    indices = [state.parameter_index.get(id(p), position) for position, p in enumerate(bucket.parameters())]
-    codes, scales, start = [], [], 0
-    for size, index in zip(sizes, indices):
-        generator = state.generators.for_parameter(values.device, index)
-        q = quantize(values[start : start + size], state.bits, stochastic=state.stochastic, generator=generator)
-        codes.append(q.codes.reshape(-1))
-        scales.append(q.scale.reshape(1).float())
-        start += size
-    finite = torch.isfinite(values).all()
-    scale = torch.cat(scales)
+    layout = _bucket_layout(state, bucket, values.device)
+    codes, scale, finite = _quantize_bucket(state, values, layout)
     scale = torch.where(finite, scale, torch.full_like(scale, math.nan))
-    payload = torch.cat([pack_codes(torch.cat(codes), state.bits), scale.view(torch.uint8)])
+    payload = torch.cat([pack_codes(codes, state.bits), scale.view(torch.uint8)])
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
     state.bytes_sent += payload.numel()
     state.bytes_fp32 += buffer.numel() * 4
     state.buckets += 1
     work = _ALL_GATHER_SINGLE(gathered, payload, group=group, async_op=True)
-    numel, count = buffer.numel(), len(sizes)
-    repeats = torch.tensor(sizes, device=payload.device)
+    numel, count = buffer.numel(), len(layout.sizes)
 
     def decode(future: torch.futures.Future) -> torch.Tensor:
         rows = gathered.view(world, -1)
         codes_all = unpack_codes(rows[:, : -4 * count], state.bits, numel).float()
         # [world, count] scales (copied out of the byte rows so that the float view is aligned)
         per_parameter = rows[:, -4 * count :].clone(memory_format=torch.contiguous_format).view(torch.float32)
-        mean = (codes_all * per_parameter.repeat_interleave(repeats, dim=1)).sum(dim=0) / world
-        buffer.copy_(mean.to(buffer.dtype))
+        total = codes_all[0].mul_(per_parameter[0].index_select(0, layout.segment))
+        for rank in range(1, world):  # in rank order: the same sum on every rank
+            total.add_(codes_all[rank].mul_(per_parameter[rank].index_select(0, layout.segment)))
+        buffer.copy_(total.div_(world).to(buffer.dtype))
         return buffer
 
     return work.get_future().then(decode)
