@@ -195,6 +195,9 @@ def test_ctrl_c_exits_130(tmp_path):
     stop = ["--trainer.callbacks+", "resume_harness.SignalAt", "--trainer.callbacks.step", "2",
             "--trainer.callbacks.signal_name", "SIGINT"]
     handler = signal.getsignal(signal.SIGINT)
+    # a process starts with Python's own Ctrl-C handler; an earlier test in this process (a Lightning
+    # run) may have left another one installed
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit) as info:
             main(args_for(tmp_path, *stop))
