@@ -82,14 +82,11 @@ def _sample_rng(seed: int, split: int, epoch: int, index: int) -> np.random.Gene
 
 def sample_shapes(
     seed: int, split: int, epoch: int, indices: Sequence[int], *, shapes: Sequence[int] | None = None,
-    word_drop: float = 0.1, scale_range: tuple[float, float] = (0.35, 0.75),
-    background_range: tuple[float, float] = (0.0, 0.2),
+    word_drop: float = 0.1,
 ) -> dict[str, Any]:
     """The random parameters and captions of samples ``indices``, each drawn from its own generator
     seeded by ``(seed, split, epoch, index)``. ``shapes`` restricts the shape classes (indices into
-    `SHAPES`); the returned ``label`` is the position in that list. ``scale_range`` (the shape's size
-    as a fraction of the image) and ``background_range`` (each background channel) default to the
-    pretraining distribution; other ranges make a shifted test distribution from the same draws."""
+    `SHAPES`); the returned ``label`` is the position in that list."""
     allowed = list(range(len(SHAPES))) if shapes is None else list(shapes)
     colour_names = list(COLOURS)
     rows: dict[str, list[Any]] = {k: [] for k in ("label", "shape", "colour", "scale", "center", "angle",
@@ -99,12 +96,12 @@ def sample_shapes(
         label = int(rng.integers(len(allowed)))
         shape = allowed[label]
         colour = int(rng.integers(len(colour_names)))
-        scale = float(rng.uniform(*scale_range))
+        scale = float(rng.uniform(0.35, 0.75))
         reach = (1.0 - scale) * 0.9
         center = rng.uniform(-reach, reach, size=2)
         angle = float(rng.uniform(-20.0, 20.0)) * math.pi / 180.0
         tint = rng.uniform(-0.08, 0.08, size=3)
-        background = rng.uniform(*background_range, size=3)
+        background = rng.uniform(0.0, 0.2, size=3)
         noise_seed = int(rng.integers(2**31 - 1))
         rows["label"].append(label)
         rows["shape"].append(shape)
@@ -249,12 +246,8 @@ class ShapeSamples(Dataset):
     (``__getitems__``) renders a whole batch at once."""
 
     def __init__(self, length: int, *, seed: int, split: int, image_size: int, fresh_each_epoch: bool = False,
-                 blur: float = 0.0, word_drop: float = 0.1, shapes: Sequence[int] | None = None,
-                 scale_range: tuple[float, float] = (0.35, 0.75),
-                 background_range: tuple[float, float] = (0.0, 0.2)) -> None:
+                 blur: float = 0.0, word_drop: float = 0.1, shapes: Sequence[int] | None = None) -> None:
         self.length = length
-        self.scale_range = tuple(scale_range)
-        self.background_range = tuple(background_range)
         self.seed = seed
         self.split = split
         self.image_size = image_size
@@ -276,8 +269,7 @@ class ShapeSamples(Dataset):
         images, params = [], None
         for epoch in sorted({e for e, _ in keys}):
             indices = [i for e, i in keys if e == epoch]
-            part = sample_shapes(self.seed, self.split, epoch, indices, shapes=self.shapes, word_drop=self.word_drop,
-                                 scale_range=self.scale_range, background_range=self.background_range)
+            part = sample_shapes(self.seed, self.split, epoch, indices, shapes=self.shapes, word_drop=self.word_drop)
             images.append(render_shapes(part, self.image_size, blur=self.blur))
             params = part if params is None else {k: (params[k] + part[k]) if isinstance(part[k], list)
                                                   else torch.cat([params[k], part[k]]) for k in part}
@@ -394,16 +386,11 @@ class ShapesDataModule(ImageDataModule):
         num_workers: data-loader worker processes.
         seed: seed of the images and of the training order.
         augment: random crop (1/8 padding) and horizontal flip of training images.
-        scale_range: ``[low, high]`` size of the shapes as a fraction of the image (default the
-            pretraining range ``[0.35, 0.75]``); smaller shapes are a further shift.
-        background_range: ``[low, high]`` of each background channel (default the pretraining range
-            ``[0.0, 0.2]``, dark); a lighter range is a further shift.
     """
 
     def __init__(self, image_size: int = 32, train_size: int = 2000, val_size: int = 1000, test_size: int = 1000,
                  classes: list[str] | None = None, blur: float = 1.0, batch_size: int = 32, num_workers: int = 0,
-                 seed: int = 0, augment: bool = False, scale_range: list[float] | None = None,
-                 background_range: list[float] | None = None) -> None:
+                 seed: int = 0, augment: bool = False) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, channels=3, seed=seed)
         source = type(self).__name__
         require_number(image_size, "data.init_args.image_size", source=source, low=8, high=512, integer=True)
@@ -417,20 +404,6 @@ class ShapesDataModule(ImageDataModule):
                 "must name at least two different shapes" + (f"; unknown: {unknown}" if unknown else ""),
                 source=source, key="data.init_args.classes", value=classes, fix=f"choose from {SHAPES}",
             )
-        ranges = {}
-        for key, value, default, (low, high) in (("scale_range", scale_range, (0.35, 0.75), (0.05, 1.0)),
-                                                  ("background_range", background_range, (0.0, 0.2), (0.0, 1.0))):
-            value = default if value is None else value
-            if (not isinstance(value, (list, tuple)) or len(value) != 2
-                    or not all(isinstance(v, (int, float)) for v in value)
-                    or not low <= float(value[0]) <= float(value[1]) <= high):
-                raise StackError(
-                    f"must be [low, high] with {low} <= low <= high <= {high}", source=source,
-                    key=f"data.init_args.{key}", value=value, fix=f"use e.g. {list(default)} (the pretraining range)",
-                )
-            ranges[key] = (float(value[0]), float(value[1]))
-        self.scale_range = ranges["scale_range"]
-        self.background_range = ranges["background_range"]
         self.image_size = image_size
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.blur = blur
@@ -453,8 +426,7 @@ class ShapesDataModule(ImageDataModule):
         sets = {}
         for split, size in self.sizes.items():
             samples = ShapeSamples(size, seed=self.seed, split=SPLIT_IDS[split], image_size=self.image_size,
-                                   blur=self.blur, shapes=self._shape_ids, scale_range=self.scale_range,
-                                   background_range=self.background_range)
+                                   blur=self.blur, shapes=self._shape_ids)
             images, labels = [], []
             for start in range(0, size, 1000):
                 chunk, params = samples.render(range(start, min(size, start + 1000)))
