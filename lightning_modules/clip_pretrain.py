@@ -5,13 +5,26 @@ procedural set, or `ImageTextWebDataModule` shards). The loss is open_clip's own
 DDP it gathers the features of all ranks (``local_loss`` + ``gather_with_grad``, as open_clip trains).
 At the end of ``fit`` the model's ``state_dict`` is written as a plain open_clip weights file, which
 ``open_clip.create_model(name, pretrained=path)`` and `PromptTunedCLIP(pretrained=path)` load.
+
+Offline weights by name: ``pretrained="stacktrain-tiny-clip"`` (`STACKTRAIN_PRETRAINED`) names the tiny
+CLIP pretrained on the embedded shapes by a fixed recipe. `resolve_pretrained` turns the name into the
+cached weights file, pretraining it first (with progress output) when this machine has none yet;
+`PromptTunedCLIP` and `CLIPPretraining` call it, so configs need no path. The cache folder is
+``$STACKTRAIN_CACHE`` (default ``~/.cache/stacktrain``); files are keyed by the recipe, the model
+config and the data version, and never overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import hashlib
+import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -25,7 +38,10 @@ from stacktrain.functional.clip import check_image_shape, clip_tokenizer, create
 from stacktrain.optim import configure_optimization, weight_decay_groups
 from stacktrain.stack import run_dir, unique_path
 
-__all__ = ["CLIPPretraining", "pretrain_clip", "MAX_LOGIT_SCALE"]
+__all__ = [
+    "CLIPPretraining", "pretrain_clip", "MAX_LOGIT_SCALE", "STACKTRAIN_PRETRAINED", "resolve_pretrained",
+    "cached_clip", "cache_dir", "cache_key",
+]
 
 #: open_clip clamps the learned temperature at 100 (log space: ln 100).
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -66,7 +82,8 @@ class CLIPPretraining(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.model = create_clip_model(model_name, pretrained, model_kwargs, source=type(self).__name__)
+        weights = resolve_pretrained(model_name, pretrained, source=type(self).__name__)
+        self.model = create_clip_model(model_name, weights, model_kwargs, source=type(self).__name__)
         self.tokenizer = clip_tokenizer(model_name)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -145,17 +162,22 @@ class CLIPPretraining(LightningModule):
 
 
 class _PrintLoss(Callback):
+    """Progress lines every ``every`` steps: step / total, loss, temperature, elapsed and remaining time."""
+
     def __init__(self, every: int) -> None:
         self.every = every
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step % self.every == 0:
+        step, total = trainer.global_step, trainer.max_steps
+        if step % self.every == 0 or step == total:
             loss = float((outputs["loss"] if isinstance(outputs, dict) else outputs).detach())
             scale = float(pl_module.model.logit_scale.exp())
-            print(f"pretrain_clip: step {trainer.global_step} loss {loss:.4f} logit scale {scale:.1f} "
-                  f"({time.perf_counter() - self.start:.0f} s)", flush=True)
+            elapsed = time.perf_counter() - self.start
+            left = f", about {elapsed / step * (total - step) / 60:.1f} min left" if 0 < step < total else ""
+            print(f"pretrain_clip: step {step}/{total} loss {loss:.4f} logit scale {scale:.1f} "
+                  f"({elapsed:.0f} s{left})", flush=True)
 
 
 def pretrain_clip(
@@ -208,3 +230,110 @@ def pretrain_clip(
     trainer.fit(module, data)
     torch.save({k: v.detach().cpu() for k, v in module.model.state_dict().items()}, out_path)
     return out_path
+
+
+# ---------------------------------------------------------------------------------- weights by name
+#: Offline CLIP weights stacktrain makes itself, by name: the `pretrain_clip` recipe of each. The tiny
+#: CLIP is papers.md's (section 5) trained 2.5x longer than its borderline 600 steps (about 17 min on
+#: one CPU thread); the micro CLIP is a seconds-long smoke model for tests and ``--small`` runs.
+STACKTRAIN_PRETRAINED: dict[str, dict[str, Any]] = {
+    "stacktrain-tiny-clip": dict(model_name="stacktrain-tiny-clip", steps=1500, batch_size=256, lr=2e-3,
+                                 weight_decay=0.1, warmup_fraction=0.1, seed=0),
+    "stacktrain-micro-clip": dict(model_name="stacktrain-micro-clip", steps=10, batch_size=32, lr=2e-3,
+                                  weight_decay=0.1, warmup_fraction=0.1, seed=0),
+}
+
+
+def cache_dir() -> Path:
+    """``$STACKTRAIN_CACHE``, default ``~/.cache/stacktrain``."""
+    return Path(os.environ.get("STACKTRAIN_CACHE") or Path.home() / ".cache" / "stacktrain")
+
+
+def cache_key(config: dict[str, Any]) -> str:
+    """A hash of the recipe, the open_clip model config and the shapes' data version."""
+    import open_clip
+
+    from stacktrain.datamodules.shapes import DATA_VERSION
+    from stacktrain.functional.clip import register_model_configs
+
+    register_model_configs()
+    payload = {"config": config, "model": open_clip.get_model_config(config["model_name"]), "data": DATA_VERSION}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (POSIX ``flock``): one process pretrains, the others wait for it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock, the atomic rename still keeps the file whole
+        yield
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"stacktrain: waiting for another process that is pretraining into {path.parent} ...", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_clip(config: dict[str, Any], *, directory: Path | None = None, log_every: int = 50) -> Path:
+    """The weights file of the `pretrain_clip` recipe ``config``, pretrained now (printing progress
+    every ``log_every`` steps) if the cache has none. A JSON beside it records the recipe and the
+    pretraining time. Concurrent callers (DDP ranks, parallel runs) wait for one pretraining."""
+    import torch as _torch
+
+    from stacktrain.datamodules.shapes import DATA_VERSION
+
+    config = dict(config)
+    folder = Path(directory) if directory is not None else cache_dir()
+    name = f"{config['model_name']}-seed{config['seed']}-{cache_key(config)}"
+    path = folder / f"{name}.pt"
+    if path.exists():
+        return path
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StackError(f"cannot be created ({error})", source="stacktrain cache", key="STACKTRAIN_CACHE",
+                         value=str(folder), fix="point STACKTRAIN_CACHE at a writable folder") from error
+    with _locked(folder / f"{name}.lock"):
+        if path.exists():  # another process finished it while this one waited
+            return path
+        partial = folder / f"{name}.partial-{os.getpid()}.pt"
+        print(f"stacktrain: {config['model_name']} is not in the cache yet: pretraining it once on the embedded "
+              f"shapes ({config['steps']} steps of {config['batch_size']}) -> {path}", flush=True)
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            # a fresh context: inside LightningCLI's instantiation of another module (prompt tuning),
+            # Lightning's context variable of "given hyperparameters" would otherwise become the
+            # pretraining module's hyperparameters
+            contextvars.Context().run(pretrain_clip, str(partial), log_every=log_every, **config)
+            info = {"config": config, "data_version": DATA_VERSION, "pretrain_wall_s": time.perf_counter() - wall,
+                    "pretrain_cpu_s": time.process_time() - cpu, "torch_threads": _torch.get_num_threads()}
+            os.replace(partial, path)
+        finally:
+            if partial.exists():
+                partial.unlink()
+        (folder / f"{name}.json").write_text(json.dumps(info, indent=2))
+        print(f"stacktrain: {path} written after {info['pretrain_wall_s']:.0f} s", flush=True)
+    return path
+
+
+def resolve_pretrained(model_name: str, pretrained: str | None, *, source: str = "model",
+                       key_prefix: str = "model.init_args") -> str | None:
+    """``pretrained`` as open_clip takes it: a name of `STACKTRAIN_PRETRAINED` becomes its cached weights
+    file (pretrained now if missing); anything else (a released tag, a file, None) is returned as is."""
+    if not pretrained or pretrained not in STACKTRAIN_PRETRAINED or os.path.isfile(pretrained):
+        return pretrained
+    config = STACKTRAIN_PRETRAINED[pretrained]
+    if model_name != config["model_name"]:
+        raise StackError(
+            f"are weights of model {config['model_name']!r}, not of {model_name!r}", source=source,
+            key=f"{key_prefix}.pretrained", value=pretrained,
+            fix=f"set {key_prefix}.model_name: {config['model_name']}, or pass weights made for {model_name}",
+        )
+    return str(cached_clip(config))

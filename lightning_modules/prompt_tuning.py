@@ -3,7 +3,8 @@
 Both towers of any open_clip CLIP stay frozen (and in eval mode); only the context vectors of the
 prompt ``[SOS] ctx_1..ctx_M <class name> . [EOT]`` are trained (`stacktrain.functional.prompts`).
 The module follows PTNL's protocol on the training split of the attached data module: k shots per
-class, optionally with seeded symmetric label noise, or without labels (zero-shot pseudo-labels,
+class, optionally with PTNL's seeded label noise (each class keeps k samples, some of them images of
+other classes), or without labels (zero-shot pseudo-labels,
 the k most confident per class); loss cross-entropy or generalized cross-entropy. Before training
 it logs the zero-shot accuracy of the model's own hand-written prompts as the baseline.
 """
@@ -37,10 +38,12 @@ from stacktrain.functional.clip import (
 from stacktrain.functional.prompts import (
     PromptLearner,
     generalized_cross_entropy,
+    noisy_few_shot,
     sample_few_shot,
     symmetric_label_noise,
     top_confident_per_class,
 )
+from stacktrain.lightning_modules.clip_pretrain import resolve_pretrained
 from stacktrain.optim import configure_optimization
 from stacktrain.stack import FLOPS_PER_STEP, EfficiencySink
 
@@ -115,8 +118,10 @@ class PromptTunedCLIP(LightningModule):
 
     Args:
         model_name: an open_clip model config ("ViT-B-32", or "stacktrain-tiny-clip" offline).
-        pretrained: CLIP weights (required): a released tag (e.g. "openai", downloaded by open_clip)
-            or a local weights file (e.g. written by `CLIPPretraining`).
+        pretrained: CLIP weights (required): "stacktrain-tiny-clip" (offline: the tiny CLIP pretrained on
+            the embedded shapes, pretrained once on first use and cached; `resolve_pretrained`), a
+            released tag (e.g. "openai", downloaded by open_clip) or a local weights file (e.g. written
+            by `CLIPPretraining`).
         model_kwargs: extra keyword arguments for ``open_clip.create_model`` (``force_image_size``...).
         class_names: names used in the prompts, in label order (default: the data's ``class_names``;
             if given, they must equal the data's names, or name classes the data only numbers).
@@ -125,7 +130,10 @@ class PromptTunedCLIP(LightningModule):
         class_token_position: "end", "middle" or "front".
         class_specific_context: one context per class (needs ``class_names``).
         shots: training samples per class (k); None uses the whole training split.
-        label_noise: fraction of each class's shots given a wrong label (symmetric noise), in [0, 1).
+        label_noise: fraction of each class's shots that are wrong, in [0, 1).
+        noise_model: "ptnl" (PTNL's: every class keeps exactly ``shots`` samples, ``round(label_noise *
+            shots)`` of them images of other classes; `noisy_few_shot`) or "flip" (each class's shots
+            relabelled at random: symmetric noise, which unbalances the classes).
         unsupervised: ignore the labels: label the training split with zero-shot predictions and keep
             the ``shots`` most confident per class (PTNL's unsupervised prompt tuning).
         loss: "ce" (cross-entropy) or "gce" (generalized cross-entropy, robust to label noise).
@@ -151,6 +159,7 @@ class PromptTunedCLIP(LightningModule):
         class_specific_context: bool = False,
         shots: int | None = 16,
         label_noise: float = 0.0,
+        noise_model: Literal["ptnl", "flip"] = "ptnl",
         unsupervised: bool = False,
         loss: Literal["ce", "gce"] = "ce",
         gce_q: float = 0.5,
@@ -169,6 +178,11 @@ class PromptTunedCLIP(LightningModule):
         require_number(label_noise, f"{_KEY}.label_noise", source=source, low=0.0, high=1.0, high_inclusive=False,
                        fix="use a fraction of wrong labels in [0, 1), e.g. 0.25")
         require_choice(loss, f"{_KEY}.loss", ["ce", "gce"], source=source)
+        require_choice(noise_model, f"{_KEY}.noise_model", ["ptnl", "flip"], source=source)
+        if noise_model == "ptnl" and label_noise > 0 and shots is None:
+            raise StackError("needs shots: PTNL's noise keeps exactly `shots` samples per class", source=source,
+                             key=f"{_KEY}.noise_model", value=noise_model,
+                             fix="set shots (e.g. 16), or noise_model: flip to relabel the whole training split")
         require_number(gce_q, f"{_KEY}.gce_q", source=source, low=0.0, high=1.0, low_inclusive=False)
         if unsupervised and label_noise > 0:
             raise StackError("cannot be combined with unsupervised: true (pseudo-labels replace the labels)",
@@ -184,10 +198,11 @@ class PromptTunedCLIP(LightningModule):
         if not pretrained:
             raise StackError(
                 "is needed: prompt tuning adapts a pretrained CLIP", source=source, key=f"{_KEY}.pretrained",
-                value=pretrained, fix="pass a released tag such as 'openai' (downloaded by open_clip) or a weights "
-                "file, e.g. the open_clip_weights.pt written by configs/clip_pretrain_tiny.yaml",
+                value=pretrained, fix="pass 'stacktrain-tiny-clip' offline (with model_name stacktrain-tiny-clip: "
+                "pretrained once and cached), a released tag such as 'openai' (downloaded by open_clip) or a weights file",
             )
-        self.model = create_clip_model(model_name, pretrained, model_kwargs, source=source)
+        weights = resolve_pretrained(model_name, pretrained, source=source)
+        self.model = create_clip_model(model_name, weights, model_kwargs, source=source)
         self.model.requires_grad_(False)
         self.tokenizer = clip_tokenizer(model_name)
         self.prompt = PromptLearner(
@@ -336,12 +351,17 @@ class PromptTunedCLIP(LightningModule):
                                f"training on {len(indices)} pseudo-labelled images")
             self.selection_stats["pseudo_label_acc"] = float((labels == pool_labels[indices]).float().mean())
         else:
-            if hp.shots:
-                indices = sample_few_shot(pool_labels, hp.shots, num_classes, generator, class_names=self.class_names,
-                                          source=source, key=f"{_KEY}.shots")
+            if hp.shots and hp.label_noise > 0 and hp.get("noise_model", "flip") == "ptnl":
+                indices, labels = noisy_few_shot(pool_labels, hp.shots, int(round(hp.label_noise * hp.shots)),
+                                                 num_classes, generator, class_names=self.class_names, source=source,
+                                                 key=f"{_KEY}.shots")
             else:
-                indices = torch.arange(len(pool))
-            labels = symmetric_label_noise(pool_labels[indices], hp.label_noise, num_classes, generator)
+                if hp.shots:
+                    indices = sample_few_shot(pool_labels, hp.shots, num_classes, generator,
+                                              class_names=self.class_names, source=source, key=f"{_KEY}.shots")
+                else:
+                    indices = torch.arange(len(pool))
+                labels = symmetric_label_noise(pool_labels[indices], hp.label_noise, num_classes, generator)
         self.selection_stats["label_noise"] = float((labels != pool_labels[indices]).float().mean())
         self.selection_stats["train_samples"] = float(len(indices))
         self.selection = {"indices": indices, "labels": labels}

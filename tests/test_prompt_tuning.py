@@ -96,9 +96,28 @@ def test_only_the_prompt_trains_and_the_baseline_is_logged_first(micro_clip, tmp
     assert 0 < rows[FLOPS_PER_STEP].ratio < 1 and rows[FLOPS_PER_STEP].count == 4
 
 
-def test_k_shots_with_seeded_symmetric_noise(micro_clip, tmp_path):
+def test_k_shots_with_ptnl_noise_keep_every_class_at_k(micro_clip, tmp_path):
+    """PTNL's noise: each class keeps exactly k samples labelled as it, round(noise * k) of them images
+    of other classes (reproducible from the seed)."""
     data = shapes()
     model = tuned(micro_clip, label_noise=0.25, seed=3)
+    fit(model, data, tmp_path, max_steps=1)
+    view = data.train_set
+    assert isinstance(view, FewShotView) and len(view) == 40
+    truth = view.base.labels[model.selection["indices"]]
+    given = model.selection["labels"]
+    assert torch.bincount(given, minlength=10).tolist() == [4] * 10  # balanced labels, as PTNL keeps them
+    assert [int((given != truth)[given == c].sum()) for c in range(10)] == [1] * 10  # 1 of 4 from another class
+    assert model.selection_stats["label_noise"] == 0.25
+    again = tuned(micro_clip, label_noise=0.25, seed=3)
+    fit(again, data, tmp_path, max_steps=1)
+    assert torch.equal(again.selection["indices"], model.selection["indices"])
+    assert torch.equal(again.selection["labels"], given)
+
+
+def test_k_shots_with_seeded_symmetric_noise(micro_clip, tmp_path):
+    data = shapes()
+    model = tuned(micro_clip, label_noise=0.25, seed=3, noise_model="flip")
     fit(model, data, tmp_path, max_steps=1)
     view = data.train_set
     assert isinstance(view, FewShotView) and len(view) == 40
@@ -107,7 +126,7 @@ def test_k_shots_with_seeded_symmetric_noise(micro_clip, tmp_path):
     assert torch.bincount(truth, minlength=10).tolist() == [4] * 10
     assert [int((given != truth)[truth == c].sum()) for c in range(10)] == [1] * 10  # 25% of 4 shots
     assert model.selection_stats["label_noise"] == 0.25
-    again = tuned(micro_clip, label_noise=0.25, seed=3)
+    again = tuned(micro_clip, label_noise=0.25, seed=3, noise_model="flip")
     fit(again, data, tmp_path, max_steps=1)  # the data module's view is replaced, not stacked
     assert torch.equal(again.selection["indices"], model.selection["indices"])
     assert torch.equal(again.selection["labels"], given)

@@ -1,6 +1,7 @@
 """The prompt-tuning benchmark in its small mode (a micro CLIP pretrained for a few steps, cached in a
-temporary folder): every cell, the unsupervised run, the step times and the checks reach the JSON.
-No accuracy or timing is asserted: at this size the numbers mean nothing."""
+temporary folder): headroom, every cell, the context comparison, the unsupervised run, the class
+embedding similarity, the step times and the verdicts reach the JSON. No accuracy or timing is
+asserted: at this size the numbers mean nothing."""
 
 from __future__ import annotations
 
@@ -17,10 +18,15 @@ def test_prompt_tuning_benchmark_small(tmp_path, monkeypatch):
     assert payload["benchmark"] == "prompt_tuning" and payload["small"]
     expected = {f"{loss} noise {rate}%" for loss in ("ce", "gce") for rate in ("0", "12.5", "25", "50")}
     assert set(payload["cells"]) == expected | {"unsupervised (gce)"}
-    assert all(len(cell["accuracies"]) == 1 for cell in payload["cells"].values())
-    assert 0.0 <= payload["zero_shot"] <= 1.0
+    assert all(len(cell["accuracies"]) == 1 and len(cell["class_similarity"]) == 1 for cell in payload["cells"].values())
+    assert 0.0 <= payload["cells"]["unsupervised (gce)"]["pseudo_label_acc"] <= 1.0
+    assert 0.0 <= payload["zero_shot"] <= 1.0 and 0.0 <= payload["linear_probe"]["test"] <= 1.0
+    assert {c["check"] for c in payload["headroom"]["checks"]} >= {"baseline below the ceiling"}
+    assert payload["context"] == "16 random" and payload["other_context"]["context"] == "a photo of a"
+    assert len(payload["context_comparison"]) == 4
     assert set(payload["step_time"]) == {"images", "cached features"}
     assert payload["step_time"]["images"]["wall_ratio"] == 1.0
-    assert len(payload["checks"]) == 4
+    assert len(payload["verdicts"]) == 6
+    assert all(v["verdict"].startswith("not shown") or payload["headroom"]["ok"] for v in payload["verdicts"])
     assert list((tmp_path / "cache").glob("stacktrain-micro-clip-seed0-*.pt"))  # pretrained once, cached
     assert payload["markdown"] == prompt_tuning.report(payload)  # the report rebuilds from the JSON alone

@@ -16,6 +16,7 @@ from stacktrain.functional.prompts import (
     PromptLearner,
     encode_text_embeddings,
     generalized_cross_entropy,
+    noisy_few_shot,
     sample_few_shot,
     symmetric_label_noise,
     text_tower,
@@ -178,6 +179,29 @@ def test_symmetric_noise_flips_exactly_the_rate_of_every_class(rate, wrong_per_c
         assert len(set(noisy[wrong].tolist())) == 10
         again = symmetric_label_noise(labels, rate, 10, torch.Generator().manual_seed(3))
         assert torch.equal(noisy, again)
+
+
+@pytest.mark.parametrize("num_noisy", [0, 2, 4, 8])
+def test_ptnl_noise_keeps_k_per_class_with_a_set_number_from_other_classes(num_noisy):
+    """PTNL's noisy k-shot set: 16 samples labelled as every class, ``num_noisy`` of them from other
+    classes' reserves (never an image that is also one of the correct samples), seeded."""
+    labels = torch.randint(0, 10, (2000,), generator=torch.Generator().manual_seed(1))
+    indices, noisy = noisy_few_shot(labels, 16, num_noisy, 10, torch.Generator().manual_seed(3))
+    assert len(indices) == 160 and torch.bincount(noisy, minlength=10).tolist() == [16] * 10
+    wrong = labels[indices] != noisy
+    assert [int(wrong[noisy == c].sum()) for c in range(10)] == [num_noisy] * 10
+    assert not set(indices[~wrong].tolist()) & set(indices[wrong].tolist())
+    assert len(set(indices[~wrong].tolist())) == int((~wrong).sum())  # correct samples are distinct
+    again = noisy_few_shot(labels, 16, num_noisy, 10, torch.Generator().manual_seed(3))
+    assert torch.equal(indices, again[0]) and torch.equal(noisy, again[1])
+
+
+def test_ptnl_noise_needs_enough_samples_and_a_rate_below_one():
+    labels = torch.arange(3).repeat_interleave(10)
+    with pytest.raises(StackError, match=r"shots=12 is more than the data allows: class .a."):
+        noisy_few_shot(labels, 12, 4, 3, torch.Generator(), class_names=["a", "b", "c"])
+    with pytest.raises(StackError, match=r"num_noisy=4 must be in \[0, 4\)"):
+        noisy_few_shot(labels, 4, 4, 3, torch.Generator())
 
 
 def test_top_confident_keeps_the_k_surest_per_predicted_class():

@@ -75,7 +75,8 @@ def _check_pretrained(model_name: str, pretrained: str, *, source: str, key: str
         problem += f" (tags: {', '.join(tags)})" if tags else " (it has no released tags)"
     raise StackError(
         problem, source=source, key=key, value=pretrained,
-        fix="pass the path of a weights file (an open_clip state_dict, e.g. saved by CLIPPretraining) or a released tag",
+        fix="pass the path of a weights file (an open_clip state_dict, e.g. saved by CLIPPretraining), a released tag, "
+        "or offline 'stacktrain-tiny-clip' (with model_name stacktrain-tiny-clip)",
     )
 
 

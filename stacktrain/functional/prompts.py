@@ -11,12 +11,14 @@ No Lightning here:
   class token at the end, middle or front, one context shared by all classes or one per class,
   randomly initialised or from a phrase such as "a photo of a";
 * `generalized_cross_entropy` is the robust loss of PTNL (Zhang & Sabuncu's GCE);
-* `sample_few_shot`, `symmetric_label_noise` and `top_confident_per_class` are the k-shot sampling,
-  the seeded label noise and the zero-shot pseudo-labelling of PTNL's experiments.
+* `sample_few_shot`, `noisy_few_shot` (PTNL's noise: every class keeps exactly k samples, a set number
+  of them taken from other classes), `symmetric_label_noise` (label flips) and `top_confident_per_class`
+  are the k-shot sampling, the seeded label noise and the zero-shot pseudo-labelling of PTNL's experiments.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -37,6 +39,7 @@ __all__ = [
     "GeneralizedCrossEntropy",
     "sample_few_shot",
     "symmetric_label_noise",
+    "noisy_few_shot",
     "top_confident_per_class",
 ]
 
@@ -365,6 +368,52 @@ def symmetric_label_noise(
         offset = torch.randint(1, num_classes, (wrong,), generator=generator)
         noisy[flip] = (c + offset) % num_classes
     return noisy
+
+
+def noisy_few_shot(
+    labels: torch.Tensor, shots: int, num_noisy: int, num_classes: int, generator: torch.Generator, *,
+    class_names: Sequence[str] | None = None, source: str = "noisy_few_shot", key: str = "shots",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PTNL's noisy k-shot set (CEWu/PTNL, ``select_top_k_similarity_per_class_with_noisy_label``):
+    every class gets exactly ``shots`` samples labelled as it, ``num_noisy`` of which truly belong to
+    other classes. Returns ``(indices, noisy_labels)`` with ``shots * num_classes`` entries, class by class.
+
+    As in the reference, each class's samples are split into a clean part (the first
+    ``ceil(n_c * (1 - num_noisy / shots))`` of a random order) and a reserve; class c draws its
+    ``shots - num_noisy`` correct samples from its clean part and its ``num_noisy`` wrong ones from the
+    other classes' reserves, so no image is both a correct and a wrong sample. Unlike flipping labels
+    (`symmetric_label_noise`), the classes stay balanced. (The reference draws the wrong ones with
+    replacement and orders the split by zero-shot confidence; here they are drawn without replacement
+    within a class, from a seeded random order.)"""
+    if not 0 <= num_noisy < shots:
+        raise StackError(f"must be in [0, {shots}) for {shots} shots per class", source=source, key="num_noisy",
+                         value=num_noisy, fix="use a fraction of wrong samples below 1, e.g. 0.25")
+    labels = labels.long()
+    keep = float(shots - num_noisy) / float(shots)
+    clean, reserve = [], []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        members = members[torch.randperm(len(members), generator=generator)]
+        split = math.ceil(len(members) * keep) if num_noisy else len(members)
+        clean.append(members[:split])
+        reserve.append(members[split:])
+    for c in range(num_classes):
+        short = len(clean[c]) < shots - num_noisy or (
+            num_noisy and sum(len(r) for d, r in enumerate(reserve) if d != c) < num_noisy)
+        if short:
+            name = class_names[c] if class_names is not None else str(c)
+            raise StackError(
+                f"is more than the data allows: class {name!r} has only {int((labels == c).sum())} training samples "
+                f"for {shots - num_noisy} correct ones and a reserve for other classes' wrong ones",
+                source=source, key=key, value=shots, fix="use fewer shots per class, or more data")
+    indices, noisy = [], []
+    for c in range(num_classes):
+        right = clean[c][torch.randperm(len(clean[c]), generator=generator)[: shots - num_noisy]]
+        others = torch.cat([r for d, r in enumerate(reserve) if d != c]) if num_noisy else right[:0]
+        wrong = others[torch.randperm(len(others), generator=generator)[:num_noisy]]
+        indices.append(torch.cat([right, wrong]))
+        noisy.append(torch.full((shots,), c, dtype=torch.long))
+    return torch.cat(indices), torch.cat(noisy)
 
 
 def top_confident_per_class(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
