@@ -239,6 +239,11 @@ class ImageDataModule(LightningDataModule):
             batch_size=self.batch_size, num_workers=self.num_workers, seed=self.seed, pin_memory=self.pin_memory,
         )
 
+    def use_training_samples(self, dataset: Dataset) -> None:
+        """Train on ``dataset``, a view of the training split chosen by the model (e.g. few-shot
+        samples), instead of the whole split; ``setup`` keeps it (stacktrain.stack.TrainingSamples)."""
+        self.train_set = dataset
+
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, train=True)
 

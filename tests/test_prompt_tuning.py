@@ -234,8 +234,8 @@ def test_declared_stack_conflicts(micro_clip, tmp_path):
     class TokenDropout(Technique):  # stands in for the real callback: only its name matters here
         name = "token_dropout"
 
-    assert "TokenDropout" not in tuned(micro_clip).stack_conflicts
-    assert "PruneRegrow" in tuned(micro_clip).stack_conflicts
+    assert "TokenDropout" not in tuned(micro_clip).conflicts
+    assert "PruneRegrow" in tuned(micro_clip).conflicts
     model = tuned(micro_clip, cache_features=True)
     with pytest.raises(StackError, match="TokenDropout: .*cannot be attached to PromptTunedCLIP: cache_features=True"):
         fit(model, shapes(), tmp_path, callbacks=[TokenDropout()])

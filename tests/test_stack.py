@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
@@ -17,11 +17,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from stacktrain.callbacks import EfficiencyReport
 from stacktrain.errors import StackError, require_choice, require_number
+from stacktrain.functional.seeding import mix_seed
 from stacktrain.stack import (
     BYTES_PER_STEP,
     FLOPS_PER_STEP,
+    ModuleTechnique,
     Technique,
     arrange_stack,
+    flops_outside_vit,
+    is_logging_step,
+    notify_parameters_replaced,
     run_dir,
     step_generator,
     techniques_of,
@@ -171,8 +176,8 @@ def test_unsupported_strategy_is_rejected(tmp_path):
 
 
 def test_module_can_refuse_a_technique(tmp_path):
-    class NoHalving(TinyModule):
-        stack_conflicts: ClassVar = {"Halve": "its weights are frozen"}
+    class NoHalving(ModuleTechnique, TinyModule):
+        conflicts: ClassVar = {"Halve": "its weights are frozen"}
 
     module = NoHalving()
     with pytest.raises(StackError, match="Halve: model='NoHalving' cannot be attached to NoHalving: its weights are frozen"):
@@ -249,3 +254,81 @@ def test_step_generator_is_the_same_for_the_same_step():
     c = torch.rand(5, generator=step_generator(7, 101))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_seeds_are_mixed_by_the_one_mixer_with_the_published_values():
+    # the values the stack, token dropout and the data modules drew from before they shared a mixer
+    assert mix_seed(7, 100) == (7 * 1_000_003 + 100) % (2**63 - 1)
+    assert mix_seed(7, 1, 100, 3) == ((((7 * 1_000_003) + 1) * 1_000_033 + 100) * 1_000_037 + 3) % (2**63 - 1)
+    assert torch.equal(torch.rand(5, generator=step_generator(7, 100)),
+                       torch.rand(5, generator=torch.Generator().manual_seed(mix_seed(7, 100))))
+    keys = {mix_seed(0, rank, step, batch) for rank in range(2) for step in range(50) for batch in range(4)}
+    assert len(keys) == 400
+
+
+class LoggingProbe(Callback):
+    """Records, per batch, the stack's logging-step rule and Lightning's own (private) one."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[bool, bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.pairs.append((is_logging_step(trainer), trainer._logger_connector.should_update_logs))
+
+
+def test_is_logging_step_matches_lightnings_rule(tmp_path):
+    probe = LoggingProbe()
+    make_trainer(tmp_path, [probe], max_steps=7, log_every_n_steps=3, accumulate_grad_batches=2).fit(TinyModule())
+    assert len(probe.pairs) == 14
+    assert [ours for ours, _ in probe.pairs] == [theirs for _, theirs in probe.pairs]
+    assert any(ours for ours, _ in probe.pairs) and not all(ours for ours, _ in probe.pairs)
+
+
+class Compactor(Technique):
+    """Replaces the model's parameters at its first step and tells the stack."""
+
+    name = "compactor"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            notify_parameters_replaced(trainer, pl_module, {"layer.weight": {0: torch.tensor([0])}}, source=self)
+
+
+class Listener(Technique):
+    name = "listener"
+
+    def __init__(self) -> None:
+        self.told: list[Any] = []
+
+    def on_parameters_replaced(self, trainer, pl_module, keep):
+        self.told.append(dict(keep))
+
+
+def test_parameters_replaced_reaches_the_other_techniques_and_a_module_technique(tmp_path):
+    class Watching(ModuleTechnique, TinyModule):
+        name = "watching"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.told: list[Any] = []
+
+        def on_parameters_replaced(self, keep):
+            self.told.append(dict(keep))
+
+    compactor, listener, module = Compactor(), Listener(), Watching()
+    make_trainer(tmp_path, [compactor, listener], max_steps=2).fit(module)
+    assert list(listener.told[0]) == ["layer.weight"] and len(listener.told) == 1
+    assert list(module.told[0]) == ["layer.weight"] and len(module.told) == 1
+    # a plain module is not a module technique: nothing is called on it
+    make_trainer(tmp_path, [Compactor()], max_steps=2).fit(TinyModule())
+
+
+def test_flops_outside_vit_is_declared_by_module_techniques_only():
+    class Plain(TinyModule):
+        step_flops_outside_vit = 123.0  # an attribute of the same name is not the contract
+
+    class Declared(ModuleTechnique, TinyModule):
+        step_flops_outside_vit = 456.0
+
+    assert flops_outside_vit(Plain()) == 0.0
+    assert flops_outside_vit(Declared()) == 456.0
