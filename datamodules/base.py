@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import v2
 
 from stacktrain.errors import StackError, require_number
+from stacktrain.functional.seeding import mix_seed
 
 __all__ = ["ImageDataModule", "TensorImageDataset", "EpochSampler", "SeededSamples", "image_transform",
            "stateful_train_loader"]
@@ -152,7 +153,7 @@ class SeededSamples(Dataset):
         if not self.random:
             return self.dataset[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1))
+            torch.manual_seed(mix_seed(self.seed, epoch, index))
             return self.dataset[index]
 
 
