@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, random_clip_weights
 
 from stacktrain.functional.acceleration_schedule import AccelerationSchedule, read_schedule_file
 
@@ -29,14 +29,7 @@ RENAMED = {
 @pytest.fixture(scope="module")
 def tiny_clip_weights(tmp_path_factory) -> str:
     """Random weights of the configs' model (stacktrain-tiny-clip) as an open_clip weights file."""
-    import torch
-
-    from stacktrain.functional.clip import create_clip_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip") / "tiny.pt"
-    torch.save(create_clip_model("stacktrain-tiny-clip").state_dict(), path)
-    return str(path)
+    return random_clip_weights(tmp_path_factory.mktemp("clip"), "stacktrain-tiny-clip")
 
 
 def _plain(value: Any) -> Any:
