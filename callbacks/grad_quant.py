@@ -20,7 +20,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
 from stacktrain.errors import StackError, require_choice, require_number
-from stacktrain.functional.compaction import slice_like
 from stacktrain.functional.metagrad import (
     HYPERNET_INPUTS,
     HYPERNET_KINDS,
@@ -38,7 +37,7 @@ from stacktrain.functional.quantize import (
     quantized_allgather_hook,
 )
 from stacktrain.loggers import log_table_with_line
-from stacktrain.stack import BYTES_PER_STEP, STACK_ORDER, Technique, gather_per_rank
+from stacktrain.stack import BYTES_PER_STEP, STACK_ORDER, Technique, gather_per_rank, is_logging_step
 
 __all__ = ["GradientQuantization", "COMPENSATIONS"]
 
@@ -264,9 +263,7 @@ class GradientQuantization(Technique):
             return
         self._params = current
         if self.quantizer is not None:
-            residuals, pending = self.quantizer.residuals, self.quantizer._pending
             self.quantizer.attach(pl_module)  # detaches the old hooks first; keeps the residuals
-            self.quantizer.residuals, self.quantizer._pending = residuals, pending
 
     def on_parameters_replaced(
         self, trainer: Trainer, pl_module: LightningModule, keep: Any
@@ -275,8 +272,7 @@ class GradientQuantization(Technique):
         state (error-feedback residuals, the hypernetwork's last gradients) to the kept channels, and
         register the k-bit communication hook on the re-wrapped DDP model."""
         if self.quantizer is not None:
-            self.quantizer.residuals = _cut(self.quantizer.residuals, keep)
-            self.quantizer._pending = _cut(self.quantizer._pending, keep)
+            self.quantizer.cut(keep)
         if self.hypernet is not None:
             self.hypernet.cut(keep)
         self._follow_parameters(pl_module)
@@ -320,7 +316,7 @@ class GradientQuantization(Technique):
             self.quantizer.reseed(mix_seed(*key, _BACKWARD_STREAM))
             # Measuring the quantization error costs a few passes per tensor: only on logged steps
             # (the same test as Lightning's LearningRateMonitor).
-            self.quantizer.track_error = bool(getattr(trainer._logger_connector, "should_update_logs", True))
+            self.quantizer.track_error = is_logging_step(trainer)
             if self.quantizer.error_feedback:
                 scaler = getattr(trainer.precision_plugin, "scaler", None)
                 self.quantizer.loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
@@ -435,7 +431,3 @@ class GradientQuantization(Technique):
         if self.hypernet is not None and "hypernet" in state and state.get("hypernet_kind", "mlp") == self.hypernet_kind:
             self.hypernet.load_state_dict(state["hypernet"], device=device)
 
-
-def _cut(tensors: dict[str, torch.Tensor], keep: Any) -> dict[str, torch.Tensor]:
-    """Per-parameter tensors (by name) cut to the positions ``keep`` kept along each shrunk dimension."""
-    return {name: slice_like(value, value.shape, keep.get(name, {})) for name, value in tensors.items()}

@@ -29,6 +29,7 @@ from stacktrain.stack import (
     STACK_ORDER,
     Technique,
     batch_size_of,
+    gather_per_rank,
     notify_parameters_replaced,
     run_dir,
     step_generator,
@@ -61,7 +62,7 @@ class PruneRegrow(Technique):
     starts dense and the same global allocation shrinks to the budget by T_max, nothing regrows. Masks are re-applied after every optimizer step. Coupled
     channels (residual adds, concatenations, depthwise and grouped convolutions, norms) are found
     with Torch-Pruning's ``DependencyGraph`` anywhere in the LightningModule; channels that are the
-    module's outputs (classifier heads) are never pruned. Under DDP rank 0 decides and broadcasts.
+    module's outputs (classifier heads) are never pruned. Under DDP rank 0's decision applies on every rank.
     The update itself is `stacktrain.functional.chex.decide_masks` + ``ChannelPlan.transition``; its
     time is logged as ``prune_regrow/update_ms``.
 
@@ -370,18 +371,17 @@ class PruneRegrow(Technique):
         net = self._net(pl_module)
         start = time.perf_counter()
         # Every rank decides from its own (DDP-identical) weights and the step's generator; rank 0's
-        # decision is broadcast and applied everywhere, and each rank records whether it agreed.
+        # decision (`gather_per_rank`) is applied everywhere, and each rank records whether it agreed.
         local = decide_masks(net, self.plan, self.masks, self.memory, self._budget(), step=step, t_max=t_max,
                              regrow_fraction=self.regrow_fraction, generator=step_generator(self.seed, step),
                              criterion=self.criterion, multiple=self.channel_multiple)
         decided = time.perf_counter()
-        masks = trainer.strategy.broadcast(local if trainer.is_global_zero else None, src=0)
-        masks = [m.cpu().clone() for m in masks]
+        masks = [m.clone() for m in gather_per_rank([m.cpu() for m in local])[0]]
         previous = self.masks
         regrown = 0 if previous is None else sum(int((n & ~o).sum()) for n, o in zip(masks, previous))
         moved = time.perf_counter()
         self.plan.transition(net, self.masks, masks, self.memory)
-        # the update's own cost: deciding (allocation, CSS, regrow) and moving the weights, not the broadcast
+        # the update's own cost: deciding (allocation, CSS, regrow) and moving the weights, not the exchange between ranks
         self.update_ms.append(1000 * (decided - start + time.perf_counter() - moved))
         self.masks = masks
         self.last_update_step = step

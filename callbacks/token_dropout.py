@@ -20,17 +20,21 @@ from stacktrain.functional.acceleration_schedule import AccelerationSchedule, re
 from stacktrain.functional.token_drop import (
     PATCH_MODES,
     SequenceCompression,
+    ViTCostModel,
     check_patch_scale,
     install_sequence_compression,
     select_vit,
 )
+from stacktrain.functional.seeding import mix_seed
 from stacktrain.loggers import log_table_with_line
 from stacktrain.stack import (
     FLOPS_PER_STEP,
     STACK_ORDER,
     TOKENS_PER_SAMPLE,
     Technique,
+    flops_outside_vit,
     is_compiled,
+    is_logging_step,
     run_dir,
     unique_path,
 )
@@ -75,9 +79,10 @@ class TokenDropout(Technique):
     Reports the training FLOPs per step and tokens per sample to `EfficiencyReport`. The ViT's FLOPs
     are counted forward and backward, or forward only when no gradient flows through it (a frozen
     tower, e.g. in `PromptTunedCLIP`: dropping its tokens still saves forward compute). A module whose
-    training step also spends FLOPs outside the ViT says so with a ``step_flops_outside_vit``
-    attribute (FLOPs per step); they are added to both sides of the FLOPs line, so its ratio is over
-    the whole step and compounds with the module's own line.
+    training step also spends FLOPs outside the ViT says so through the stack contract
+    (`stacktrain.stack.ModuleTechnique.step_flops_outside_vit`, FLOPs per step); they are added to
+    both sides of the FLOPs line, so its ratio is over the whole step and compounds with the module's
+    own line.
     """
 
     name = "token_dropout"
@@ -131,9 +136,9 @@ class TokenDropout(Technique):
         source = type(self).__name__
         name, vit = select_vit(pl_module, self.vit_path, source=source)
         self.vit_name = name or type(vit).__name__
-        geometry_patch = _patch_size(vit)
+        geometry = ViTCostModel.from_vit(vit)
         for scale in self.schedule.patch_scales:
-            check_patch_scale(scale, _image_sizes(trainer, vit), geometry_patch, source=source)
+            check_patch_scale(scale, _image_sizes(trainer, geometry), geometry.patch_size, source=source)
         if stage != "fit" or self.compression is not None:
             return
         self._vit = vit
@@ -273,12 +278,12 @@ class TokenDropout(Technique):
         keep_ratio, patch_scale = self.compression_at(step)
         compression.set(keep_ratio, patch_scale)
         assert self._generator is not None
-        self._generator.manual_seed(_mask_seed(self.seed, trainer.global_rank, step, batch_idx))
+        self._generator.manual_seed(mix_seed(self.seed, trainer.global_rank, step, batch_idx))
         compression.drop.reset_counters()
         self.last = {"step": step, "keep_ratio": keep_ratio, "patch_scale": patch_scale}
         # pl_module.log costs ~0.3 ms a call: log on the steps the loggers write (Lightning's own rule,
         # as in its LearningRateMonitor) and at the first step, not on every step.
-        if not self._logged or getattr(trainer._logger_connector, "should_update_logs", True):
+        if not self._logged or is_logging_step(trainer):
             self._logged = True
             tokens = compression.cost_model.sequence(keep_ratio, patch_scale)[1]
             self.log_metric(pl_module, "keep_ratio", keep_ratio)
@@ -294,8 +299,8 @@ class TokenDropout(Technique):
         drop = compression.drop
         # The ratio must be over the whole step for the report to compound it with the module's own
         # line: a module whose step spends FLOPs outside this ViT (PromptTunedCLIP's text tower) says
-        # how many, and they count on both sides.
-        outside = float(getattr(pl_module, "step_flops_outside_vit", 0.0) or 0.0)
+        # how many (`ModuleTechnique.step_flops_outside_vit`), and they count on both sides.
+        outside = flops_outside_vit(pl_module)
         self.report_cost(trainer, FLOPS_PER_STEP, baseline=drop.flops_full + outside, actual=drop.flops + outside,
                          unit="FLOP")
         self.report_cost(trainer, TOKENS_PER_SAMPLE, baseline=drop.tokens_full / drop.samples,
@@ -348,16 +353,7 @@ def _compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def _mask_seed(seed: int, rank: int, step: int, batch_idx: int) -> int:
-    return ((((seed * 1_000_003) + rank) * 1_000_033 + step) * 1_000_037 + batch_idx) % (2**63 - 1)
-
-
-def _patch_size(vit: torch.nn.Module) -> tuple[int, int]:
-    conv = vit.patch_embed.proj if hasattr(vit, "patch_embed") else vit.conv1
-    return int(conv.kernel_size[0]), int(conv.kernel_size[1])
-
-
-def _image_sizes(trainer: Trainer, vit: torch.nn.Module) -> list[tuple[int, int]]:
+def _image_sizes(trainer: Trainer, geometry: ViTCostModel) -> list[tuple[int, int]]:
     """The image sizes the ViT will see in training: the data module's ``view_sizes`` (multi-crop),
     else its ``image_shape``, else the ViT's own input size."""
     datamodule = getattr(trainer, "datamodule", None)
@@ -367,6 +363,5 @@ def _image_sizes(trainer: Trainer, vit: torch.nn.Module) -> list[tuple[int, int]
     shape = getattr(datamodule, "image_shape", None)
     if shape is not None:
         return [(int(shape[-2]), int(shape[-1]))]
-    embed = getattr(vit, "patch_embed", None)
-    size = getattr(embed, "img_size", None) if embed is not None else getattr(vit, "image_size", None)
-    return [tuple(int(v) for v in size)] if size is not None else []  # type: ignore[misc]
+    size = geometry.image_size
+    return [(int(size[0]), int(size[1]))] if size is not None else []

@@ -18,6 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import v2
 
 from stacktrain.errors import StackError, require_number
+from stacktrain.functional.seeding import mix_seed
 
 __all__ = ["ImageDataModule", "TensorImageDataset", "EpochSampler", "SeededSamples", "image_transform",
            "stateful_train_loader"]
@@ -152,7 +153,7 @@ class SeededSamples(Dataset):
         if not self.random:
             return self.dataset[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63 - 1))
+            torch.manual_seed(mix_seed(self.seed, epoch, index))
             return self.dataset[index]
 
 
@@ -238,6 +239,11 @@ class ImageDataModule(LightningDataModule):
             SeededSamples(dataset, self.seed, self.random_transforms), trainer=self.trainer,
             batch_size=self.batch_size, num_workers=self.num_workers, seed=self.seed, pin_memory=self.pin_memory,
         )
+
+    def use_training_samples(self, dataset: Dataset) -> None:
+        """Train on ``dataset``, a view of the training split chosen by the model (e.g. few-shot
+        samples), instead of the whole split; ``setup`` keeps it (stacktrain.stack.TrainingSamples)."""
+        self.train_set = dataset
 
     def train_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.train_set, train=True)

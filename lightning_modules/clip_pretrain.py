@@ -68,8 +68,6 @@ class CLIPPretraining(LightningModule):
             (a numbered name is used).
     """
 
-    stack_conflicts: dict[str, str] = {}
-
     def __init__(
         self,
         model_name: str = "stacktrain-tiny-clip",

@@ -8,8 +8,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -27,27 +25,17 @@ from stacktrain.functional.boosting import (
 from stacktrain.functional.exits import EarlyExitNetwork, StagedBackbone
 from stacktrain.models import check_input_shape
 from stacktrain.optim import configure_optimization, weight_decay_groups
-from stacktrain.stack import INFERENCE_FLOPS, report_cost, run_dir, unique_path
+from stacktrain.stack import INFERENCE_FLOPS, ModuleTechnique, gather_per_rank, run_dir, unique_path
 
 __all__ = ["BoostedEarlyExit"]
 
 
 def _gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` (first dimension may differ) from every rank, identically on all."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    size = torch.tensor([tensor.shape[-1]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(*tensor.shape[:-1], longest, dtype=tensor.dtype, device=tensor.device)
-    padded[..., : tensor.shape[-1]] = tensor
-    pieces = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(pieces, padded)
-    return torch.cat([piece[..., : int(s.item())] for piece, s in zip(pieces, sizes)], dim=-1)
+    """Concatenate ``tensor`` (its last dimension may differ) from every rank, identically on all."""
+    return torch.cat(gather_per_rank(tensor.cpu()), dim=-1)
 
 
-class BoostedEarlyExit(LightningModule):
+class BoostedEarlyExit(ModuleTechnique):
     """Early-exit classifier on a timm backbone: BoostNet training, anytime and budgeted inference.
 
     Exit heads sit after chosen stages of the backbone (ResNet ``layer1..4``, ConvNeXt ``stages.N``,
@@ -82,6 +70,8 @@ class BoostedEarlyExit(LightningModule):
         predict_budget: the budget ``predict`` uses (the closest fitted one not above it).
         input_shape: (C, H, W) of the images, when the data module does not tell (for FLOPs).
     """
+
+    name = "early_exit"
 
     def __init__(
         self,
@@ -178,21 +168,13 @@ class BoostedEarlyExit(LightningModule):
         self._cost_shape = tuple(int(v) for v in shape)
         if float(self.segment_flops.sum()) == 0.0:
             self.measure_costs(shape)
-        self._measured_structure = self._structure()
 
-    def _structure(self) -> tuple[tuple[int, ...], ...]:
-        """The parameters' shapes: what the FLOPs of the exits depend on."""
-        return tuple(tuple(p.shape) for p in self.network.parameters())
-
-    def refresh_costs(self) -> None:
-        """Measure the exits' FLOPs again if the network changed shape since they were measured (e.g.
-        channels removed by PruneRegrow), so exit policies, budgets and reports use the real costs."""
+    def on_parameters_replaced(self, keep: Any) -> None:
+        """A technique removed channels (PruneRegrow's compaction): measure the exits' FLOPs again, so
+        exit policies, budgets, reports and checkpoints use the real costs."""
         shape = getattr(self, "_cost_shape", None)
-        structure = self._structure()
-        if shape is None or structure == getattr(self, "_measured_structure", None):
-            return
-        self.measure_costs(shape)
-        self._measured_structure = structure
+        if shape is not None:
+            self.measure_costs(shape)
 
     # ------------------------------------------------------------------------------------ model
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -238,12 +220,8 @@ class BoostedEarlyExit(LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._outputs = []
-        self.refresh_costs()
 
     on_test_epoch_start = on_validation_epoch_start
-
-    def on_predict_epoch_start(self) -> None:
-        self.refresh_costs()
 
     def _log_anytime(self, prefix: str, confidence, predicted, labels, ensemble) -> torch.Tensor:
         accuracy = anytime_accuracy(predicted, labels)
@@ -278,7 +256,7 @@ class BoostedEarlyExit(LightningModule):
             self.log(f"val/acc_budget_{round(budget * 100)}", accuracy, sync_dist=True)
             self.log(f"val/flops_budget_{round(budget * 100)}", cost / full, sync_dist=True)
         _, cost, _ = budgeted_accuracy(confidence, predicted, labels, self.policy(self.hparams.predict_budget), costs)
-        report_cost(self.trainer, "early_exit", INFERENCE_FLOPS, baseline=full, actual=cost, unit="FLOP", replace=True)
+        self.report_cost(INFERENCE_FLOPS, baseline=full, actual=cost, unit="FLOP", replace=True)
 
     def policy(self, budget: float) -> torch.Tensor:
         """The fitted thresholds for the largest budget not above ``budget`` (the smallest if all are)."""

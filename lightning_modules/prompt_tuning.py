@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -45,7 +44,7 @@ from stacktrain.functional.prompts import (
 )
 from stacktrain.lightning_modules.clip_pretrain import resolve_pretrained
 from stacktrain.optim import configure_optimization
-from stacktrain.stack import FLOPS_PER_STEP, EfficiencySink
+from stacktrain.stack import FLOPS_PER_STEP, EfficiencySink, ModuleTechnique, TrainingSamples, gather_per_rank
 
 __all__ = ["PromptTunedCLIP", "FewShotView", "CachedFeatures", "coop_sgd"]
 
@@ -103,7 +102,7 @@ def _is_placeholder(names: Sequence[str]) -> bool:
     return list(names) == [str(i) for i in range(len(names))]
 
 
-class PromptTunedCLIP(LightningModule):
+class PromptTunedCLIP(ModuleTechnique):
     """CoOp prompt tuning of a frozen open_clip model on few labelled (possibly noisy) or
     pseudo-labelled images, with a zero-shot baseline.
 
@@ -146,6 +145,8 @@ class PromptTunedCLIP(LightningModule):
         lr_scheduler: optional scheduler factory (its length comes from the trainer).
         scheduler_interval: step the scheduler every optimizer "step" or every "epoch".
     """
+
+    name = NAME
 
     def __init__(
         self,
@@ -220,15 +221,17 @@ class PromptTunedCLIP(LightningModule):
         self.zero_shot_accuracy: float | None = None
         self.selection_stats: dict[str, float] = {}
         self.step_costs: dict[str, tuple[float, float, str]] = {}
-        #: FLOPs per training step outside the visual tower (read by TokenDropout's cost report)
+        #: FLOPs per training step outside the visual tower (the stack contract's
+        #: `ModuleTechnique.step_flops_outside_vit`, measured at fit start)
         self.step_flops_outside_vit = 0.0
         self._eval_text: torch.Tensor | None = None
         self._metrics_for(max(2, len(self.class_names)))
 
     # ------------------------------------------------------------------------------ stacking
     @property
-    def stack_conflicts(self) -> dict[str, str]:
-        """Techniques that cannot share a run with this module, and why (read by `Technique`)."""
+    def conflicts(self) -> dict[str, str]:  # type: ignore[override]
+        """Techniques that cannot share a run with this module, and why (the stack contract's
+        `ModuleTechnique.conflicts`, checked by `Technique.setup`)."""
         conflicts = {
             "PruneRegrow": "both CLIP towers are frozen: there are no trained channels to prune and regrow "
                            "(only the prompt's context vectors are trained)",
@@ -304,10 +307,11 @@ class PromptTunedCLIP(LightningModule):
         pool = getattr(datamodule, "train_set", None) if datamodule is not None else None
         if isinstance(pool, FewShotView):  # a previous fit's view: select again from the whole split
             pool = pool.base
-        if pool is None or not hasattr(pool, "__getitem__") or not hasattr(pool, "__len__"):
+        if (not isinstance(datamodule, TrainingSamples) or pool is None or not hasattr(pool, "__getitem__")
+                or not hasattr(pool, "__len__")):
             raise StackError(
                 "needs a data module whose training split is a map-style dataset in `train_set` (set up by "
-                "its setup())", source=source, key="data", value=type(datamodule).__name__,
+                "its setup()) and that can train on chosen samples (`use_training_samples`)", source=source, key="data", value=type(datamodule).__name__,
                 fix="use an image data module such as ShapesDataModule, DigitsDataModule or ImageFolderDataModule",
             )
         return pool
@@ -375,7 +379,7 @@ class PromptTunedCLIP(LightningModule):
             view: Dataset = CachedFeatures(pool, indices, labels, self._encode_pool(pool, indices.tolist()))
         else:
             view = FewShotView(pool, indices, labels)
-        datamodule.train_set = view
+        datamodule.use_training_samples(view)
 
     # ------------------------------------------------------------------------------ baseline and costs
     @torch.no_grad()
@@ -396,7 +400,7 @@ class PromptTunedCLIP(LightningModule):
                 features = encode_images(self.model, images.to(self.device))
                 predicted = clip_logits(features, self.zero_shot_text, self.model.logit_scale).argmax(-1)
                 counts += torch.stack([(predicted.cpu() == labels).sum(), torch.tensor(len(labels))]).to(counts)
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        counts = sum(gather_per_rank(counts.cpu()))
         return float(counts[0] / counts[1]) if counts[1] > 0 else None
 
     def _measure_step_costs(self) -> None:
@@ -470,9 +474,8 @@ class PromptTunedCLIP(LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        for sink in (c for c in self.trainer.callbacks if isinstance(c, EfficiencySink)):
-            for quantity, (baseline, actual, unit) in self.step_costs.items():
-                sink.record(NAME, quantity, baseline=baseline, actual=actual, unit=unit)
+        for quantity, (baseline, actual, unit) in self.step_costs.items():
+            self.report_cost(quantity, baseline=baseline, actual=actual, unit=unit)
 
     def _refresh_eval_text(self) -> None:
         with torch.no_grad():

@@ -60,6 +60,7 @@ from stacktrain.functional.flops import flop_counter
 from stacktrain.functional.token_drop import (
     PATCH_MODES,
     SequenceCompression,
+    ViTCostModel,
     check_keep_ratio,
     check_patch_scale,
     install_sequence_compression,
@@ -294,9 +295,9 @@ def search_schedule(
     _, vit = select_vit(model, vit_path, source=SOURCE)
     image_sizes = getattr(datamodule, "view_sizes", None) or (
         [tuple(datamodule.image_shape[-2:])] if getattr(datamodule, "image_shape", None) else [])
-    conv = vit.patch_embed.proj if hasattr(vit, "patch_embed") else vit.conv1
+    patch_size = ViTCostModel.from_vit(vit).patch_size
     for scale in patch_scales:
-        check_patch_scale(scale, image_sizes, conv.kernel_size, "--patch-scales", source=SOURCE)
+        check_patch_scale(scale, image_sizes, patch_size, "--patch-scales", source=SOURCE)
     candidates = [(float(k), int(s)) for s in sorted(set(patch_scales)) for k in sorted(set(keep_ratios), reverse=True)]
     if (1.0, 1) not in candidates:
         candidates.insert(0, (1.0, 1))

@@ -1,18 +1,40 @@
 """The stack contract: the `Technique` base class, stack ordering and validation, cost reporting.
 
-Every technique callback subclasses `Technique` and keeps the contract of DESIGN.md:
+Every technique callback subclasses `Technique`, every technique in module form (a LightningModule
+that is the technique: `BoostedEarlyExit`, `PromptTunedCLIP`) subclasses `ModuleTechnique`, and both
+keep the contract of DESIGN.md:
 
 1. it validates in ``setup`` (`Technique.setup_technique`) and raises `StackError` before any batch;
+   which techniques cannot share a run is declared in one place, the ``conflicts`` mapping of
+   `Technique` and `ModuleTechnique` (class name -> why), checked by `Technique.setup`;
 2. it keeps all of its state in ``state_dict`` / ``load_state_dict``;
-3. it is rank-consistent (schedules read ``trainer.global_step``; random decisions that must agree
-   across ranks come from `step_generator` or a broadcast);
-4. it logs under its own name (`Technique.log_metric` prefixes ``<name>/``);
-5. it reports what it saves to the `EfficiencySink` (the `EfficiencyReport` callback) with
-   `Technique.report_cost`;
+3. it is rank-consistent: schedules read ``trainer.global_step``; random decisions that must agree
+   across ranks draw from `step_generator`, and every seed is mixed by
+   `stacktrain.functional.seeding.mix_seed`; values shared between ranks go through one collective,
+   `gather_per_rank` (every rank's value, by rank: rank 0's decision is its first element, a total
+   its sum);
+4. it logs under its own name (`Technique.log_metric` prefixes ``<name>/``), on the steps the loggers
+   write (`is_logging_step`) when a value is costly to compute;
+5. it reports what it saves to the `EfficiencySink` (the `EfficiencyReport` callback) through
+   `report_cost` (`Technique.report_cost`, `ModuleTechnique.report_cost`) and nothing else;
 6. it changes nothing it is not attached to;
 7. it is order-independent: `arrange_stack` sorts the techniques of a run by `Technique.stack_order`,
    whatever order the user listed them in, and `Technique.on_after_optimizer_step` is dispatched in
    that order after every real optimizer step.
+
+What techniques share, and nothing else (no technique reads another's attributes):
+
+- ``conflicts`` (above);
+- `notify_parameters_replaced`: a technique that replaces the model's parameters (PruneRegrow's
+  compaction) tells the others (`Technique.on_parameters_replaced`,
+  `ModuleTechnique.on_parameters_replaced`) instead of letting them poll shapes;
+- `ModuleTechnique.step_flops_outside_vit`: the FLOPs a module's training step spends outside its
+  ViT, which token dropout adds to both sides of its FLOPs line (`flops_outside_vit`);
+- `TrainingSamples`: the data module protocol through which a module trains on a subset of the
+  training split (PromptTunedCLIP's few-shot samples) instead of overwriting its attributes;
+- `is_logging_step`: whether the loggers write this step (Lightning's rule, from public state);
+- the cost quantities `FLOPS_PER_STEP`, `TOKENS_PER_SAMPLE`, `BYTES_PER_STEP`, `INFERENCE_FLOPS`,
+  `INFERENCE_FLOPS_AVERAGE` and the `EfficiencySink` they are reported to.
 """
 
 from __future__ import annotations
@@ -22,17 +44,20 @@ import os
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 
 from stacktrain.errors import StackError
+from stacktrain.functional.seeding import mix_seed
 
 __all__ = [
     "StackError",
     "Technique",
+    "ModuleTechnique",
+    "TrainingSamples",
     "EfficiencySink",
     "CostLine",
     "arrange_stack",
@@ -43,6 +68,9 @@ __all__ = [
     "run_dir",
     "unique_path",
     "step_generator",
+    "gather_per_rank",
+    "is_logging_step",
+    "flops_outside_vit",
     "batch_size_of",
     "compile_for_stack",
     "is_compiled",
@@ -219,7 +247,8 @@ class Technique(Callback):
             )
         others = techniques_of(trainer)
         reject_duplicate_techniques(others)
-        # A conflict may name another technique callback or a module-form technique (the model class).
+        # A conflict may name another technique callback or a module-form technique (the model class),
+        # and a module-form technique may name this callback: both declare ``conflicts``.
         present = {type(t).__name__ for t in others if t is not self}
         present |= {base.__name__ for base in type(pl_module).__mro__}
         for other, reason in self.conflicts.items():
@@ -231,7 +260,7 @@ class Technique(Callback):
                     value=[type(t).__name__ for t in others],
                     fix=f"remove {me} or {other} from the run",
                 )
-        module_conflicts: Mapping[str, str] = getattr(pl_module, "stack_conflicts", None) or {}
+        module_conflicts = pl_module.conflicts if isinstance(pl_module, ModuleTechnique) else {}
         if me in module_conflicts:
             raise StackError(
                 f"cannot be attached to {type(pl_module).__name__}: {module_conflicts[me]}",
@@ -240,6 +269,59 @@ class Technique(Callback):
                 value=type(pl_module).__name__,
                 fix=f"remove {me} from trainer.callbacks or use another model",
             )
+
+
+class ModuleTechnique(LightningModule):
+    """Base class of the techniques in module form (the LightningModule is the technique:
+    `BoostedEarlyExit`, `PromptTunedCLIP`): what they share with the callbacks of their stack is
+    declared here, typed, instead of being attributes that callbacks look up by name."""
+
+    #: Name in the efficiency report and the logging namespace, e.g. ``"early_exit"``.
+    name: ClassVar[str] = "module_technique"
+    #: Technique callbacks (class names) that cannot be attached to this module, and why; a subclass
+    #: may compute it from its settings (a property). Checked by `Technique.setup`.
+    conflicts: Mapping[str, str] = {}
+    #: FLOPs per training step spent outside the ViT (e.g. PromptTunedCLIP's text tower): token
+    #: dropout, shortening the ViT's sequence, adds them to both sides of its FLOPs line so its ratio
+    #: is over the whole step and compounds with this module's own line. Set it before the first
+    #: training batch when the step does such work; 0 means the step is the ViT's.
+    step_flops_outside_vit: float = 0.0
+
+    def report_cost(
+        self, quantity: str, *, baseline: float, actual: float, unit: str = "", count: int = 1, replace: bool = False,
+    ) -> None:
+        """Tell the run's `EfficiencySink` (if any) what this step cost against its baseline."""
+        report_cost(self.trainer, self.name, quantity, baseline=baseline, actual=actual, unit=unit, count=count,
+                    replace=replace)
+
+    def on_parameters_replaced(self, keep: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
+        """Called (through `notify_parameters_replaced`) when a technique replaced this module's
+        parameters mid-run (PruneRegrow's compaction); ``keep`` as in `Technique.on_parameters_replaced`.
+        Recompute here whatever depends on the parameters' shapes."""
+
+
+def flops_outside_vit(pl_module: LightningModule) -> float:
+    """`ModuleTechnique.step_flops_outside_vit` of ``pl_module``; 0 for a plain module (its step is its ViT's)."""
+    return float(pl_module.step_flops_outside_vit) if isinstance(pl_module, ModuleTechnique) else 0.0
+
+
+@runtime_checkable
+class TrainingSamples(Protocol):
+    """A data module whose training split a module may narrow to chosen samples (PromptTunedCLIP's
+    few-shot or pseudo-labelled samples): `ImageDataModule` implements it."""
+
+    train_set: Any
+
+    def use_training_samples(self, dataset: Any) -> None:
+        """Train on ``dataset`` (a view of ``train_set``) instead of the whole split."""
+
+
+def is_logging_step(trainer: Trainer) -> bool:
+    """Whether the loggers write the metrics of the current training step: every
+    ``log_every_n_steps``-th optimizer step and the last one. Lightning's own rule (its
+    ``should_update_logs``, used by LearningRateMonitor), computed from public state; a technique
+    computes a costly metric only then."""
+    return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
 
 
 #: Where the project's techniques stand where they touch the same thing (DESIGN.md, contract 7).
@@ -268,11 +350,14 @@ def notify_parameters_replaced(
     trainer: Trainer, pl_module: LightningModule, keep: Mapping[str, Mapping[int, torch.Tensor]],
     source: Technique | None = None,
 ) -> None:
-    """Tell every technique of ``trainer`` (but ``source``, which did it), in stack order, that the
-    model's parameters were replaced (`Technique.on_parameters_replaced`)."""
+    """Tell every technique of ``trainer`` (but ``source``, which did it), in stack order, and then the
+    module when it is a `ModuleTechnique`, that the model's parameters were replaced
+    (`Technique.on_parameters_replaced`, `ModuleTechnique.on_parameters_replaced`)."""
     for technique in techniques_of(trainer):
         if technique is not source:
             technique.on_parameters_replaced(trainer, pl_module, keep)
+    if isinstance(pl_module, ModuleTechnique):
+        pl_module.on_parameters_replaced(keep)
 
 
 def reject_duplicate_techniques(callbacks: list[Any]) -> None:
@@ -381,9 +466,12 @@ def unique_path(path: str) -> str:
 
 
 def gather_per_rank(value: Any) -> list[Any]:
-    """``value`` of every rank, by rank (``[value]`` without a process group). A checkpoint is written by
-    rank 0 alone, so state that differs per rank is gathered into it; Lightning builds the checkpoint's
-    state on every rank, which makes this collective call safe inside ``state_dict``."""
+    """``value`` (any picklable object; tensors on the CPU) of every rank, by rank (``[value]`` without a
+    process group): the one collective of the stack contract. Rank 0's decision applied everywhere is
+    ``gather_per_rank(local)[0]``, a total over ranks ``sum(gather_per_rank(count))``, and per-rank
+    state goes into checkpoints this way (a checkpoint is written by rank 0 alone; Lightning builds the
+    checkpoint's state on every rank, which makes this call safe inside ``state_dict``). Every rank
+    must call it, in the same order."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -397,7 +485,7 @@ def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> 
     """A generator that is identical on every rank for a given (seed, global step): random decisions
     that must agree across DDP ranks draw from it instead of the per-rank global RNG."""
     generator = torch.Generator(device=device)
-    generator.manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
+    generator.manual_seed(mix_seed(seed, step))
     return generator
 
 

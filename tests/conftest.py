@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,14 +39,33 @@ def _finish_wandb():
         wandb.finish(quiet=True)
 
 
-@pytest.fixture(scope="session")
-def micro_clip(tmp_path_factory) -> str:
-    """A randomly initialised micro CLIP saved as a plain open_clip weights file (``pretrained=``)."""
+def random_clip_weights(directory: Path, model_name: str = "stacktrain-micro-clip") -> str:
+    """A randomly initialised (seed 0) open_clip ``model_name`` saved as a plain weights file (``pretrained=``)."""
     import torch
 
     from stacktrain.functional.clip import create_clip_model
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("clip") / "micro.pt"
-    torch.save(create_clip_model("stacktrain-micro-clip").state_dict(), path)
+    path = Path(directory) / f"{model_name}.pt"
+    torch.save(create_clip_model(model_name).state_dict(), path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def micro_clip(tmp_path_factory) -> str:
+    """A randomly initialised micro CLIP saved as a plain open_clip weights file (``pretrained=``)."""
+    return random_clip_weights(tmp_path_factory.mktemp("clip"))
+
+
+def make_trainer(root: Any = None, callbacks: Sequence[Any] = (), **overrides: Any) -> Any:
+    """The one Trainer factory of the tests: CPU, one process, quiet (no logger, checkpoints, progress
+    bar or model summary), in ``root``; ``overrides`` win (``max_steps``, ``limit_val_batches``...).
+    Test files keep only small helpers that call it with their own defaults."""
+    from lightning.pytorch import Trainer
+
+    options: dict[str, Any] = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                                   enable_progress_bar=False, enable_model_summary=False)
+    if root is not None:
+        options["default_root_dir"] = str(root)
+    options.update(overrides)
+    return Trainer(callbacks=list(callbacks), **options)

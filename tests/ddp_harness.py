@@ -163,11 +163,16 @@ def technique_states(trainer: Trainer) -> dict[str, Any]:
 
 
 class DumpState(Callback):
-    """Test-only: at the end of fit, each rank writes ``rank<k>.pt`` with its weights and the state
-    of every technique, for cross-rank and resume comparisons."""
+    """Test-only: at the end of fit, each rank writes ``rank<k>.pt`` with its weights, its trainable
+    weights at fit start (``initial``) and the state of every technique, for cross-rank and resume
+    comparisons (and `assert_trained`: identical ranks are only a check when training moved them)."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = dirpath
+        self.initial: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.initial = {k: p.detach().cpu().clone() for k, p in pl_module.named_parameters() if p.requires_grad}
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         os.makedirs(self.dirpath, exist_ok=True)
@@ -175,12 +180,27 @@ class DumpState(Callback):
             "global_step": trainer.global_step,
             "model": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
             "techniques": technique_states(trainer),
+            "initial": self.initial,
         }
         torch.save(state, os.path.join(self.dirpath, f"rank{trainer.global_rank}.pt"))
 
 
 def load_rank_states(dirpath: Path, nprocs: int) -> list[dict[str, Any]]:
     return [torch.load(Path(dirpath) / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
+def assert_trained(state: dict[str, Any], at_least: float = 0.5) -> None:
+    """Training moved the weights of a rank (`DumpState`): at least ``at_least`` of the parameters
+    trainable at fit start (of unchanged shape) differ at the end, and all of them are finite. Without
+    it, ranks that end identical may only mean that nothing was trained."""
+    initial, final = state["initial"], state["model"]
+    comparable = [k for k, v in initial.items() if k in final and final[k].shape == v.shape]
+    assert comparable, "no trainable parameter to compare"
+    moved = [k for k in comparable if not torch.equal(initial[k], final[k])]
+    assert len(moved) >= at_least * len(comparable), (
+        f"training moved {len(moved)} of {len(comparable)} trainable parameters; unchanged: "
+        f"{[k for k in comparable if k not in moved][:8]}")
+    assert all(torch.isfinite(final[k]).all() for k in comparable), "a trained weight is not finite"
 
 
 def assert_states_equal(a: Any, b: Any, path: str = "state") -> None:

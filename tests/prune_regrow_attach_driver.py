@@ -1,6 +1,6 @@
 """PruneRegrow attached in one line to the kind of LightningModule most projects have: no ``forward``,
 ``training_step`` calls ``self.net(x)``, trained from a plain ``DataLoader`` of tensors, no input shape
-anywhere. `NetOnly` and `tensor_loader` are shared with tests/test_prune_regrow.py (one process);
+anywhere. `NetOnly` and `tensor_loader` are shared with tests/test_prune_regrow.py and tests/test_export.py (one process);
 launched by it as 2 DDP processes (gloo)::
 
     python -m torch.distributed.run --nproc-per-node 2 tests/prune_regrow_attach_driver.py --out DIR --clip none

@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from conftest import make_trainer
 from ddp_harness import assert_states_equal, technique_states
 
 
@@ -39,13 +40,10 @@ class ResumeRuns:
 
 
 def _trainer(max_steps: int, callbacks: list[Callback], root: str, **kwargs: Any) -> Trainer:
-    options = dict(
-        accelerator="cpu", devices=1, max_steps=max_steps, limit_val_batches=0, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-    )
+    options = dict(max_steps=max_steps, limit_val_batches=0, num_sanity_val_steps=0,
+                   enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
     options.update(kwargs)
-    return Trainer(callbacks=callbacks, **options)
+    return make_trainer(root, callbacks, **options)
 
 
 class StopAt(Callback):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from lightning.pytorch import Trainer
 
+from conftest import make_trainer
 from stacktrain.datamodules import DigitsDataModule
 from stacktrain.errors import StackError
 from stacktrain.lightning_modules import ImageClassifier
@@ -14,10 +14,9 @@ from stacktrain.optim import build_scheduler, weight_decay_groups
 
 
 def fit(model, data, tmp_path, **kwargs):
-    options = dict(accelerator="cpu", max_steps=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    options = dict(max_steps=2, limit_val_batches=1)
     options.update(kwargs)
-    trainer = Trainer(**options)
+    trainer = make_trainer(tmp_path, **options)
     trainer.fit(model, data)
     return trainer
 
@@ -64,10 +63,14 @@ def test_trains_and_tests_on_digits(tmp_path, tiny_vit_kwargs):
     trainer = fit(model, data, tmp_path, max_steps=4)
     assert trainer.global_step == 4
     result = trainer.test(model, data, verbose=False)[0]
-    assert set(result) == {"test/acc", "test/loss"} and 0 <= result["test/acc"] <= 1
+    assert set(result) == {"test/acc", "test/loss"}
     predictions = trainer.predict(model, data)
     assert predictions[0]["probs"].shape == (32, 10)
     assert sum(len(p["preds"]) for p in predictions) == 270  # the test split
+    # test/acc is the accuracy of those predictions on the test split's labels
+    preds = torch.cat([p["preds"] for p in predictions])
+    labels = torch.cat([labels for _, labels in data.test_dataloader()])
+    assert result["test/acc"] == pytest.approx(float((preds == labels).float().mean()), abs=1e-6)
     assert torch.allclose(predictions[0]["probs"].sum(-1), torch.ones(32))
 
 

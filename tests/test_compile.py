@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from torch._dynamo.testing import CompileCounter
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, make_trainer
 from stacktrain.callbacks import GradientQuantization, PruneRegrow, TokenDropout
 from stacktrain.datamodules import DigitsDataModule, MultiViewDataModule
 from stacktrain.errors import StackError
@@ -42,9 +42,7 @@ def fit(make_module, callbacks, steps: int, tmp_path, backend=None, data=None):
     seed_everything(0)
     options = {"compile": True, "compile_options": {"backend": backend}} if backend is not None else {}
     module = make_module(**options)
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=str(tmp_path), callbacks=callbacks)
+    trainer = make_trainer(tmp_path, callbacks, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data or DigitsDataModule(image_size=16, channels=1, batch_size=32))
     assert trainer.global_step == steps
     return module

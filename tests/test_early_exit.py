@@ -8,10 +8,9 @@ import math
 import pytest
 import timm
 import torch
-from lightning.pytorch import Trainer
 
-from conftest import CONFIGS
-from ddp_harness import assert_states_equal, check, load_rank_states, run_ddp
+from conftest import CONFIGS, make_trainer
+from ddp_harness import assert_states_equal, assert_trained, check, load_rank_states, run_ddp
 from resume_harness import assert_resumed_exactly, stop_and_resume
 from stacktrain.datamodules import DigitsDataModule
 from stacktrain.errors import StackError
@@ -188,11 +187,9 @@ def test_backbone_without_stages_is_rejected():
 
 
 def _trainer(tmp_path, **kwargs):
-    options = dict(accelerator="cpu", max_epochs=2, limit_train_batches=8, limit_val_batches=3, logger=False,
-                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   default_root_dir=tmp_path)
+    options = dict(max_epochs=2, limit_train_batches=8, limit_val_batches=3)
     options.update(kwargs)
-    return Trainer(**options)
+    return make_trainer(tmp_path, **options)
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +282,7 @@ def test_two_processes_end_with_identical_weights_and_policies(tmp_path):
     rank0, rank1 = load_rank_states(tmp_path / "ranks", 2)
     assert rank0["global_step"] == 8
     assert_states_equal(rank0["model"], rank1["model"])
+    assert_trained(rank0)  # identical because DDP synchronised the training, not because nothing ran
     assert not torch.isnan(rank0["model"]["thresholds"]).any()
     assert "val/acc=" in result.stdout
 

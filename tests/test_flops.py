@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stacktrain.functional.flops import flops_by_module, forward_flops, training_flops
+from stacktrain.functional.flops import flop_counter, flops_by_module, forward_flops, training_flops
 
 
 def test_linear_and_conv_flops_match_the_formulas():
@@ -45,3 +45,14 @@ def test_cpu_fused_attention_is_counted():
     one_matmul = 2 * batch * heads * length * length * dim
     assert forward_flops(Attention(), q, k, v) == 2 * one_matmul
     assert training_flops(Attention(), lambda y: y.sum(), q, k, v) == 7 * one_matmul
+
+
+def test_flop_counter_counts_multihead_attention_in_inference():
+    attention = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.zeros(2, 10, 32)
+    with flop_counter() as training_count:
+        attention(x, x, x, need_weights=False)
+    with torch.no_grad(), flop_counter() as inference_count:
+        attention(x, x, x, need_weights=False)
+    assert inference_count.get_total_flops() == training_count.get_total_flops() > 0
+    assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards

@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import CONFIGS
+from conftest import CONFIGS, make_trainer
 from ddp_harness import assert_states_equal, check, load_rank_states, offline_wandb_records, run_ddp
 from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only, stop_and_resume
 from stacktrain.callbacks import EfficiencyReport, ExactResume, GradientQuantization
@@ -73,11 +73,9 @@ def digits_loader(batches: int = 8, batch_size: int = 16) -> DataLoader:
 
 
 def trainer(tmp_path, callbacks, **kwargs) -> Trainer:
-    options = dict(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                   limit_val_batches=0, num_sanity_val_steps=0)
+    options = dict(max_steps=4, limit_val_batches=0, num_sanity_val_steps=0)
     options.update(kwargs)
-    return Trainer(callbacks=callbacks, **options)
+    return make_trainer(tmp_path, callbacks, **options)
 
 
 def classifier(**kwargs) -> ImageClassifier:

@@ -552,3 +552,13 @@ def test_compressed_hook_gives_each_parameter_exactly_its_own_quantization(singl
     for index, (parameter, grad) in enumerate(zip(model.parameters(), reference)):
         q = quantize(grad.flatten(), 4, stochastic=stochastic, generator=streams.for_parameter(grad.device, index))
         assert torch.equal(parameter.grad.flatten(), dequantize(q))
+
+
+def test_metagrad_cut_keeps_the_last_updates_of_the_kept_channels():
+    hypernet = MetaGradCompensation(hidden=4)
+    weight = nn.Parameter(torch.randn(4, 3))
+    weight.grad = torch.arange(12.0).reshape(4, 3)
+    hypernet.transform([("w", weight, 0.1)])
+    hypernet.commit()
+    hypernet.cut({"w": {0: torch.tensor([0, 2])}})
+    assert torch.equal(hypernet.previous["w"].grad, torch.tensor([[0.0, 1, 2], [6, 7, 8]]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS
-from ddp_harness import assert_states_equal, load_rank_states, run_ddp
+from ddp_harness import assert_states_equal, assert_trained, load_rank_states, run_ddp
 from stacktrain.lightning_modules import ImageClassifier
 
 pytestmark = pytest.mark.ddp
@@ -37,4 +37,5 @@ def test_a_nan_loss_on_one_rank_is_skipped_on_every_rank(tmp_path):
     rank0, rank1 = load_rank_states(tmp_path / "ranks", 2)
     assert rank0["global_step"] == rank1["global_step"] == 3
     assert_states_equal(rank0["model"], rank1["model"])
+    assert_trained(rank0)  # the 2 steps that were not skipped trained both ranks alike
     assert all(torch.isfinite(v).all() for v in rank0["model"].values() if v.is_floating_point())

@@ -8,9 +8,11 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import Logger
 
+from conftest import make_trainer
 from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only, stop_and_resume
 from stacktrain.callbacks import EfficiencyReport, ExactResume
 from stacktrain.datamodules import DigitsDataModule, ShapesDataModule
@@ -35,11 +37,9 @@ def tuned(path: str, **kwargs) -> PromptTunedCLIP:
 
 
 def fit(model, data, tmp_path, **kwargs) -> Trainer:
-    options = dict(accelerator="cpu", devices=1, max_steps=4, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                   limit_val_batches=2, num_sanity_val_steps=0)
+    options = dict(max_steps=4, limit_val_batches=2, num_sanity_val_steps=0)
     options.update(kwargs)
-    trainer = Trainer(**options)
+    trainer = make_trainer(tmp_path, **options)
     trainer.fit(model, data)
     return trainer
 
@@ -86,7 +86,25 @@ def test_only_the_prompt_trains_and_the_baseline_is_logged_first(micro_clip, tmp
     assert slot.training
     # the zero-shot baseline is logged before any training metric
     first_step, first = logger.records[0]
-    assert first_step == 0 and 0.0 <= first["prompt_tuning/zero_shot_acc"] <= 1.0
+    assert first_step == 0 and first["prompt_tuning/zero_shot_acc"] == model.zero_shot_accuracy
+    # ...and it is the hand-written prompts' accuracy on the validation split, recounted here
+    model.eval()
+    with torch.no_grad():
+        hits = [clip_logits(encode_images(model.model, images), model.zero_shot_text, model.model.logit_scale)
+                .argmax(-1) == labels for images, labels in trainer.datamodule.val_dataloader()]
+    assert model.zero_shot_accuracy == pytest.approx(float(torch.cat(hits).float().mean()), abs=1e-6)
+    # a random micro CLIP scores ~0 zero-shot: with class prototypes as the text side the accuracy is far
+    # from 0, and the baseline still counts it exactly
+    with torch.no_grad():
+        pairs = [(encode_images(model.model, images), labels) for images, labels in trainer.datamodule.val_dataloader()]
+        features, labels = torch.cat([f for f, _ in pairs]), torch.cat([y for _, y in pairs])
+        model.zero_shot_text = torch.stack([
+            F.normalize(features[labels == c].mean(0), dim=-1) if (labels == c).any() else torch.zeros(features.shape[1])
+            for c in range(len(model.class_names))])
+        logits = clip_logits(features, model.zero_shot_text, model.model.logit_scale)
+    expected = float((logits.argmax(-1) == labels).float().mean())
+    assert expected > 0.2  # chance: 1/9
+    assert model._zero_shot_baseline() == pytest.approx(expected, abs=1e-6)
     assert first["prompt_tuning/train_samples"] == 40 and first["prompt_tuning/label_noise"] == 0.0
     later = {k for _, metrics in logger.records[1:] for k in metrics}
     assert {"train/loss", "val/acc", "val/zero_shot_acc", "efficiency/step_wall_ms"} <= later
@@ -253,8 +271,8 @@ def test_declared_stack_conflicts(micro_clip, tmp_path):
     class TokenDropout(Technique):  # stands in for the real callback: only its name matters here
         name = "token_dropout"
 
-    assert "TokenDropout" not in tuned(micro_clip).stack_conflicts
-    assert "PruneRegrow" in tuned(micro_clip).stack_conflicts
+    assert "TokenDropout" not in tuned(micro_clip).conflicts
+    assert "PruneRegrow" in tuned(micro_clip).conflicts
     model = tuned(micro_clip, cache_features=True)
     with pytest.raises(StackError, match="TokenDropout: .*cannot be attached to PromptTunedCLIP: cache_features=True"):
         fit(model, shapes(), tmp_path, callbacks=[TokenDropout()])

@@ -24,6 +24,10 @@ def test_prompt_tuning_benchmark_small(tmp_path, monkeypatch):
     assert {c["check"] for c in payload["headroom"]["checks"]} >= {"baseline below the ceiling"}
     assert payload["context"] == "16 random" and payload["other_context"]["context"] == "a photo of a"
     assert len(payload["context_comparison"]) == 4
+    zero_shot = payload["zero_shot"]  # the baseline every comparison of the report is made against
+    assert f"zero-shot {zero_shot:.4f}" in payload["markdown"]
+    gains = [a - zero_shot for a in payload["cells"]["gce noise 0%"]["accuracies"]]
+    assert f"mean {100 * sum(gains) / len(gains):+.2f} points over zero-shot {zero_shot:.3f}" in payload["markdown"]
     assert set(payload["step_time"]) == {"images", "cached features"}
     assert payload["step_time"]["images"]["wall_ratio"] == 1.0
     assert len(payload["verdicts"]) == 6

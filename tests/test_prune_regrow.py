@@ -1,13 +1,11 @@
 """`PruneRegrow` in real (tiny) training runs on the digits: exploration lands on the FLOPs budget,
 regrowing happens, compaction shrinks the network and training goes on, exact resume, clear errors
-before the first batch, and the export loads without stacktrain."""
+before the first batch (the export: tests/test_export.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from functools import partial
 
 import pytest
@@ -16,8 +14,8 @@ import torchvision
 from lightning.pytorch import LightningModule, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TINY_VIT
-from ddp_harness import assert_states_equal, subprocess_env
+from conftest import TINY_VIT, make_trainer
+from ddp_harness import assert_states_equal
 from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only, stop_and_resume
 from stacktrain.callbacks import EfficiencyReport, ExactResume, PruneRegrow
 from stacktrain.datamodules import DigitsDataModule
@@ -44,11 +42,9 @@ def make_data() -> DigitsDataModule:
 def fit(callbacks, steps: int, tmp_path, module=None, **kwargs):
     seed_everything(0)
     module = module or make_module()
-    options = dict(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
-                   logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                   default_root_dir=str(tmp_path))
+    options = dict(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
     options.update(kwargs)
-    trainer = Trainer(callbacks=callbacks, **options)
+    trainer = make_trainer(tmp_path, callbacks, **options)
     trainer.fit(module, make_data())
     return module, trainer
 
@@ -325,75 +321,6 @@ def test_stop_and_resume_is_exact(tmp_path, explore_until, stop_at):
     assert explorer.compacted and len(explorer.history) >= 3
 
 
-EXPORT_CHECK = r"""
-import json, sys, torch, timm
-out, expected_path = sys.argv[1], sys.argv[2]
-expected = torch.load(expected_path, weights_only=True)
-program = torch.export.load(f"{out}/model.pt2").module()
-config = json.load(open(f"{out}/channels.json"))
-sys.path.insert(0, out)
-from load_compact import load_compact
-hp = config["hyperparameters"]
-model = load_compact(timm.create_model(hp["model_name"], num_classes=hp["num_classes"], in_chans=hp["in_chans"]), out)
-with torch.no_grad():
-    from_program, from_state = program(expected["x"]), model(expected["x"])
-assert "stacktrain" not in sys.modules, "the export must load without stacktrain"
-print(json.dumps({"program": (from_program - expected["logits"]).abs().max().item(),
-                  "state_dict": (from_state - expected["logits"]).abs().max().item(),
-                  "params": sum(p.numel() for p in model.parameters())}))
-"""
-
-
-def test_export_loads_without_stacktrain_and_gives_the_masked_logits(tmp_path):
-    from stacktrain import export_compact
-
-    explorer = PruneRegrow(target_flops_ratio=0.5, update_every=3, update_unit="step", explore_until=0.6)
-    module, trainer = fit([explorer], 10, tmp_path)
-    checkpoint = tmp_path / "masked.ckpt"
-    trainer.save_checkpoint(checkpoint)
-    assert load_checkpoint_weights_only(str(checkpoint))["callbacks"]["PruneRegrow"]["masks"] is not None
-    module.eval()
-    x = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits = module(x)
-    torch.save({"x": x, "logits": logits}, tmp_path / "expected.pt")
-    result = export_compact(checkpoint, tmp_path / "export")
-    assert result["network"] == "model" and abs(result["compact_flops"] / result["dense_flops"] - 0.5) <= 0.025
-    config = json.loads((tmp_path / "export" / "channels.json").read_text())
-    assert config["flops"]["compact"] == result["compact_flops"]
-    check = subprocess.run(
-        [sys.executable, "-c", EXPORT_CHECK, str(tmp_path / "export"), str(tmp_path / "expected.pt")],
-        cwd=tmp_path, env=subprocess_env(threads=2), capture_output=True, text=True, timeout=300,
-    )
-    assert check.returncode == 0, check.stderr[-3000:]
-    errors = json.loads(check.stdout.strip().splitlines()[-1])
-    assert errors["program"] < 1e-4 and errors["state_dict"] < 1e-4
-    assert errors["params"] < sum(p.numel() for p in module.model.parameters())
-
-
-def test_export_of_a_module_without_forward_traces_its_network(tmp_path):
-    """Traced on the first batch under ``net``: the export rebuilds the plan on that submodule."""
-    from prune_regrow_attach_driver import NetOnly, tensor_loader
-    from stacktrain import export_compact
-
-    seed_everything(0)
-    callback, module = PruneRegrow(target_flops_ratio=0.5, update_every=2, update_unit="step"), NetOnly()
-    trainer = Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                      callbacks=[callback])
-    trainer.fit(module, train_dataloaders=tensor_loader())
-    checkpoint = tmp_path / "net.ckpt"
-    trainer.save_checkpoint(checkpoint)
-    assert load_checkpoint_weights_only(str(checkpoint))["callbacks"]["PruneRegrow"]["traced"] == "net"
-    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        masked = module.net.eval()(x)
-    result = export_compact(checkpoint, tmp_path / "export", module=NetOnly())
-    assert result["network"] == "net" and 0.45 <= result["compact_flops"] / result["dense_flops"] <= 0.5
-    compact = torch.export.load(result["program"]).module()
-    assert torch.allclose(compact(x), masked, atol=1e-4)
-
-
 def test_benchmark_runs_in_small_mode(tmp_path):
     from benchmarks import prune_regrow
 
@@ -411,18 +338,6 @@ def test_benchmark_runs_in_small_mode(tmp_path):
     assert results["uniform@0.25"]["widths"] is None and results["prune_only@0.25"]["widths"] is not None
     assert payload["markdown"] == prune_regrow.report(payload)  # the report rebuilds from the JSON alone
     assert any(v["claim"].startswith("Gradual prune-only beats") for v in prune_regrow.verdicts(payload))
-
-
-def test_export_rebuilds_a_module_saved_through_the_cli():
-    """LightningCLI stores private entries with the hyper-parameters; a weights file named in
-    ``pretrained`` is not needed (the weights come from the checkpoint)."""
-    from stacktrain.export import _rebuild_module
-
-    hparams = {"_class_path": "stacktrain.lightning_modules.ImageClassifier", "_instantiator": "x",
-               "model_name": MODEL, "in_chans": 1, "num_classes": 10, "pretrained": "/no/such/file.pth"}
-    module = _rebuild_module(ChexMeta(module_class="stacktrain.lightning_modules.classifier.ImageClassifier"),
-                             {"hyper_parameters": hparams})
-    assert isinstance(module, ImageClassifier) and module.hparams.model_name == MODEL
 
 
 def test_an_extended_run_replans_exploration_over_its_new_length(tmp_path):

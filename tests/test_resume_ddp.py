@@ -5,7 +5,7 @@ optimizer state and technique state on each rank, and the checkpoint loads with
 
 All the runs are fits in ONE 2-process launch of tests/resume_ddp_driver.py (import cost paid once).
 The one-process resume of each technique is in its own test file; of the stacks in
-tests/test_stack_resume.py; the CNN stack also resumes through ``train.py fit --ckpt_path`` there.
+tests/test_stack_configs_resume.py; the CNN stack also resumes through ``train.py fit --ckpt_path`` there.
 """
 
 from __future__ import annotations

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-import math
-import os
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import conftest
 from stacktrain.callbacks import EfficiencyReport
 from stacktrain.errors import StackError, require_choice, require_number
+from stacktrain.functional.seeding import mix_seed
 from stacktrain.stack import (
     BYTES_PER_STEP,
     FLOPS_PER_STEP,
+    ModuleTechnique,
     Technique,
     arrange_stack,
-    run_dir,
+    flops_outside_vit,
+    is_logging_step,
+    notify_parameters_replaced,
     step_generator,
     techniques_of,
     unique_path,
@@ -94,12 +96,7 @@ class DDPOnly(Technique):
 
 
 def make_trainer(tmp_path, callbacks, **kwargs) -> Trainer:
-    defaults = dict(
-        max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-    )
-    defaults.update(kwargs)
-    return Trainer(callbacks=callbacks, **defaults)
+    return conftest.make_trainer(tmp_path, callbacks, **{"max_steps": 4, **kwargs})
 
 
 def test_stack_error_names_key_value_and_fix():
@@ -171,8 +168,8 @@ def test_unsupported_strategy_is_rejected(tmp_path):
 
 
 def test_module_can_refuse_a_technique(tmp_path):
-    class NoHalving(TinyModule):
-        stack_conflicts: ClassVar = {"Halve": "its weights are frozen"}
+    class NoHalving(ModuleTechnique, TinyModule):
+        conflicts: ClassVar = {"Halve": "its weights are frozen"}
 
     module = NoHalving()
     with pytest.raises(StackError, match="Halve: model='NoHalving' cannot be attached to NoHalving: its weights are frozen"):
@@ -184,54 +181,6 @@ def test_technique_logs_under_its_own_name(tmp_path):
     trainer = make_trainer(tmp_path, [Halve()])
     trainer.fit(TinyModule())
     assert float(trainer.callback_metrics["halve/value"]) == 1.5
-
-
-def test_efficiency_report_writes_table_plot_and_metrics(tmp_path):
-    logger = CSVLogger(tmp_path, name="exp", version=0)
-    report = EfficiencyReport()
-    trainer = make_trainer(tmp_path, [Shift(), report, Halve()], logger=logger)
-    trainer.fit(TinyModule())
-    directory = run_dir(trainer)
-    assert directory == os.path.join(str(tmp_path), "exp", "version_0")
-    text = open(os.path.join(directory, "efficiency.md")).read()
-    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in text.splitlines() if line.startswith("| ")}
-    assert "| 0.500 | 50.0% |" in rows[("halve", FLOPS_PER_STEP)]
-    assert "| 0.500 | 50.0% |" in rows[("shift", FLOPS_PER_STEP)]
-    assert "| 0.250 | 75.0% |" in rows[("shift", BYTES_PER_STEP)]
-    # Both FLOPs savings compound: 0.5 x 0.5.
-    assert "| 0.250 | 75.0% |" in rows[("all techniques", FLOPS_PER_STEP)]
-    assert "| 100 FLOP | 50 FLOP |" in rows[("halve", FLOPS_PER_STEP)]
-    assert "training steps timed | 4 |" in text
-    png = os.path.join(directory, "efficiency.png")
-    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    lines = report.rows()
-    assert [r.count for r in lines[:3]] == [4, 4, 4]
-    metrics = open(os.path.join(directory, "metrics.csv")).read()
-    assert "efficiency/all_techniques/train_flops_step_ratio" in metrics
-
-    # A second run into the same directory never overwrites the first report.
-    first = open(os.path.join(directory, "efficiency.md")).read()
-    trainer = make_trainer(tmp_path, [EfficiencyReport()], logger=CSVLogger(tmp_path, name="exp", version=0))
-    trainer.fit(TinyModule())
-    assert open(os.path.join(directory, "efficiency.md")).read() == first
-    assert os.path.exists(os.path.join(directory, "efficiency-2.md"))
-
-
-def test_efficiency_report_state_survives_a_checkpoint():
-    report = EfficiencyReport()
-    report.record("token_dropout", FLOPS_PER_STEP, baseline=10, actual=4, unit="FLOP", count=2)
-    report.steps, report.step_wall_s, report.step_cpu_s = 2, 0.5, 0.9
-    report.epochs = [[0.0, 2.0, 0.5, 0.9]]
-    state = report.state_dict()
-    restored = EfficiencyReport()
-    restored.load_state_dict(state)
-    assert restored.state_dict() == state
-    assert math.isclose(restored.rows()[0].ratio, 0.4)
-    # The state is plain data, so checkpoints load with torch.load(weights_only=True).
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"report-state-{os.getpid()}.pt")
-    torch.save(state, path)
-    assert torch.load(path, weights_only=True) == state
-    os.remove(path)
 
 
 def test_unique_path_never_overwrites(tmp_path):
@@ -249,3 +198,81 @@ def test_step_generator_is_the_same_for_the_same_step():
     c = torch.rand(5, generator=step_generator(7, 101))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_seeds_are_mixed_by_the_one_mixer_with_the_published_values():
+    # the values the stack, token dropout and the data modules drew from before they shared a mixer
+    assert mix_seed(7, 100) == (7 * 1_000_003 + 100) % (2**63 - 1)
+    assert mix_seed(7, 1, 100, 3) == ((((7 * 1_000_003) + 1) * 1_000_033 + 100) * 1_000_037 + 3) % (2**63 - 1)
+    assert torch.equal(torch.rand(5, generator=step_generator(7, 100)),
+                       torch.rand(5, generator=torch.Generator().manual_seed(mix_seed(7, 100))))
+    keys = {mix_seed(0, rank, step, batch) for rank in range(2) for step in range(50) for batch in range(4)}
+    assert len(keys) == 400
+
+
+class LoggingProbe(Callback):
+    """Records, per batch, the stack's logging-step rule and Lightning's own (private) one."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[bool, bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.pairs.append((is_logging_step(trainer), trainer._logger_connector.should_update_logs))
+
+
+def test_is_logging_step_matches_lightnings_rule(tmp_path):
+    probe = LoggingProbe()
+    make_trainer(tmp_path, [probe], max_steps=7, log_every_n_steps=3, accumulate_grad_batches=2).fit(TinyModule())
+    assert len(probe.pairs) == 14
+    assert [ours for ours, _ in probe.pairs] == [theirs for _, theirs in probe.pairs]
+    assert any(ours for ours, _ in probe.pairs) and not all(ours for ours, _ in probe.pairs)
+
+
+class Compactor(Technique):
+    """Replaces the model's parameters at its first step and tells the stack."""
+
+    name = "compactor"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            notify_parameters_replaced(trainer, pl_module, {"layer.weight": {0: torch.tensor([0])}}, source=self)
+
+
+class Listener(Technique):
+    name = "listener"
+
+    def __init__(self) -> None:
+        self.told: list[Any] = []
+
+    def on_parameters_replaced(self, trainer, pl_module, keep):
+        self.told.append(dict(keep))
+
+
+def test_parameters_replaced_reaches_the_other_techniques_and_a_module_technique(tmp_path):
+    class Watching(ModuleTechnique, TinyModule):
+        name = "watching"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.told: list[Any] = []
+
+        def on_parameters_replaced(self, keep):
+            self.told.append(dict(keep))
+
+    compactor, listener, module = Compactor(), Listener(), Watching()
+    make_trainer(tmp_path, [compactor, listener], max_steps=2).fit(module)
+    assert list(listener.told[0]) == ["layer.weight"] and len(listener.told) == 1
+    assert list(module.told[0]) == ["layer.weight"] and len(module.told) == 1
+    # a plain module is not a module technique: nothing is called on it
+    make_trainer(tmp_path, [Compactor()], max_steps=2).fit(TinyModule())
+
+
+def test_flops_outside_vit_is_declared_by_module_techniques_only():
+    class Plain(TinyModule):
+        step_flops_outside_vit = 123.0  # an attribute of the same name is not the contract
+
+    class Declared(ModuleTechnique, TinyModule):
+        step_flops_outside_vit = 456.0
+
+    assert flops_outside_vit(Plain()) == 0.0
+    assert flops_outside_vit(Declared()) == 456.0

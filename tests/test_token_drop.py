@@ -23,6 +23,7 @@ from stacktrain.functional.token_drop import (
     random_token_keep,
     select_vit,
 )
+from stacktrain.functional.clip import create_clip_model
 
 # 16x16 grayscale, 2 px patches: 64 patch tokens + 1 class token
 SMALL = dict(img_size=16, patch_size=2, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -237,3 +238,22 @@ def test_open_clip_visual_transformer_is_found_compressed_and_counted():
     assert "_embeds" not in vars(visual) and type(visual.conv1) is nn.Conv2d
     visual.eval()
     assert torch.allclose(visual(images), reference, atol=1e-6)
+
+
+def test_token_drop_takes_the_mode_of_the_slot_it_fills():
+    """A frozen tower kept in eval mode whose dropout slot follows training (PromptTunedCLIP) gets a
+    token dropper that acts in training steps; a plain ViT's slot has the ViT's own mode."""
+    clip = create_clip_model("stacktrain-micro-clip").eval()
+    clip.visual.patch_dropout.train()
+    compression = install_sequence_compression(clip.visual)
+    compression.set(keep_ratio=0.5)
+    assert compression.drop.training and not clip.visual.training
+    lengths = []
+    clip.visual.transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        clip.visual(torch.zeros(2, 3, 32, 32))
+    assert lengths == [1 + 8]
+    # forward only: no gradient flows through a frozen tower, and the count says so
+    cost = compression.cost_model
+    assert compression.drop.flops_full == 2 * cost.flops(17, 16, cost.kernel_area(1, "flexi"), backward=False)
+    compression.remove()

@@ -13,7 +13,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from conftest import CONFIGS
+from conftest import CONFIGS, make_trainer
 from ddp_harness import check, load_rank_states, run_ddp
 from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only, stop_and_resume
 from stacktrain.callbacks import EfficiencyReport, ExactResume, TokenDropout
@@ -33,10 +33,7 @@ def classifier(**kwargs: Any) -> ImageClassifier:
 
 
 def trainer(callbacks: list[Callback], **kwargs: Any) -> Trainer:
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, num_sanity_val_steps=0)
-    options.update(kwargs)
-    return Trainer(callbacks=callbacks, **options)
+    return make_trainer(None, callbacks, **{"num_sanity_val_steps": 0, **kwargs})
 
 
 class SequenceRecorder(Callback):

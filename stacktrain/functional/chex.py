@@ -2,7 +2,7 @@
 the budget, prune inside each group by CSS, regrow, restore the regrown channels' most recently used
 weights. A plain PyTorch loop calls `chex_update` every few steps until T_max and
 ``plan.apply_masks(model, masks)`` after every optimizer step; the `PruneRegrow` callback only
-decides when (and, under DDP, broadcasts rank 0's masks between `decide_masks` and the transition).
+decides when (and, under DDP, applies rank 0's masks on every rank between `decide_masks` and the transition).
 
     plan = ChannelPlan.build(model, example)
     budget = Budget.flops(plan, 0.5)

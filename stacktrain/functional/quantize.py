@@ -17,6 +17,7 @@ them and skips the step.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -207,7 +208,9 @@ def payload_bytes(numel: int, bits: int) -> int:
 
 
 def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, rank, epoch, batch...), the same on every machine."""
+    """A 63-bit seed from integers (seed, rank, epoch, batch...), the same on every machine: the keys of
+    the rounding noise. The project's seed mixer is `stacktrain.functional.seeding.mix_seed`; this hash
+    stays for the quantizers so their noise, and the published grad_quant figures, are unchanged."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
         value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 % (2**64)
@@ -297,7 +300,8 @@ class GradientQuantizer:
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self, model: nn.Module) -> GradientQuantizer:
-        """Register the hooks on ``model``'s trainable parameters and layers."""
+        """Register the hooks on ``model``'s trainable parameters and layers (detaching any earlier
+        ones first; the error-feedback residuals are kept, so a compacted model can be re-attached)."""
         self.detach()
         self.parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
         if self.targets in ("weights", "both"):
@@ -348,6 +352,18 @@ class GradientQuantizer:
     def rollback(self) -> None:
         """Forget the residuals since the last commit (the step was skipped)."""
         self._pending = {}
+
+    def cut(self, keep: Mapping[str, Mapping[int, torch.Tensor]]) -> None:
+        """The model's tensors were compacted (channels removed): cut the residuals, committed and
+        pending, to the positions ``keep`` kept along each shrunk dimension of each parameter (by
+        name). Call `attach` on the compacted model afterwards; it keeps the residuals."""
+        from stacktrain.functional.compaction import slice_like
+
+        def cut(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {name: slice_like(value, value.shape, keep.get(name, {})) for name, value in tensors.items()}
+
+        self.residuals = cut(self.residuals)
+        self._pending = cut(self._pending)
 
     # ------------------------------------------------------------------ hooks
     def _weight_hook(self, name: str):

@@ -9,16 +9,11 @@ import re
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from torch import nn
 
 from conftest import CONFIGS
 from ddp_harness import assert_states_equal, check, load_rank_states, run_ddp
 from stacktrain.callbacks import EfficiencyReport, GradientQuantization, PruneRegrow, TokenDropout
 from stacktrain.datamodules import DigitsDataModule, ShapesDataModule
-from stacktrain.functional.clip import create_clip_model
-from stacktrain.functional.flops import flop_counter
-from stacktrain.functional.metagrad import MetaGradCompensation
-from stacktrain.functional.token_drop import install_sequence_compression
 from stacktrain.lightning_modules import BoostedEarlyExit, PromptTunedCLIP
 from stacktrain.stack import FLOPS_PER_STEP, INFERENCE_FLOPS
 
@@ -144,46 +139,6 @@ def test_quantization_follows_compaction_of_the_parameters(tmp_path):
     assert inspect.hooked and inspect.residual_shapes and 1 < inspect.levels <= 8  # ...with 4-bit gradients
     assert quant.quantizer.residuals
     assert float(model.exit_costs[-1]) < 0.8 * float(inspect.dense_costs[-1])
-
-
-def test_metagrad_cut_keeps_the_last_updates_of_the_kept_channels():
-    hypernet = MetaGradCompensation(hidden=4)
-    weight = nn.Parameter(torch.randn(4, 3))
-    weight.grad = torch.arange(12.0).reshape(4, 3)
-    hypernet.transform([("w", weight, 0.1)])
-    hypernet.commit()
-    hypernet.cut({"w": {0: torch.tensor([0, 2])}})
-    assert torch.equal(hypernet.previous["w"].grad, torch.tensor([[0.0, 1, 2], [6, 7, 8]]))
-
-
-def test_token_drop_takes_the_mode_of_the_slot_it_fills():
-    """A frozen tower kept in eval mode whose dropout slot follows training (PromptTunedCLIP) gets a
-    token dropper that acts in training steps; a plain ViT's slot has the ViT's own mode."""
-    clip = create_clip_model("stacktrain-micro-clip").eval()
-    clip.visual.patch_dropout.train()
-    compression = install_sequence_compression(clip.visual)
-    compression.set(keep_ratio=0.5)
-    assert compression.drop.training and not clip.visual.training
-    lengths = []
-    clip.visual.transformer.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
-    with torch.no_grad():
-        clip.visual(torch.zeros(2, 3, 32, 32))
-    assert lengths == [1 + 8]
-    # forward only: no gradient flows through a frozen tower, and the count says so
-    cost = compression.cost_model
-    assert compression.drop.flops_full == 2 * cost.flops(17, 16, cost.kernel_area(1, "flexi"), backward=False)
-    compression.remove()
-
-
-def test_flop_counter_counts_multihead_attention_in_inference():
-    attention = nn.MultiheadAttention(32, 4, batch_first=True).eval()
-    x = torch.zeros(2, 10, 32)
-    with flop_counter() as training_count:
-        attention(x, x, x, need_weights=False)
-    with torch.no_grad(), flop_counter() as inference_count:
-        attention(x, x, x, need_weights=False)
-    assert inference_count.get_total_flops() == training_count.get_total_flops() > 0
-    assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards
 
 
 def test_token_dropout_in_prompt_tuning_reports_over_the_whole_step(tmp_path, micro_clip):
