@@ -318,7 +318,7 @@ class TrainingSamples(Protocol):
 
 def is_logging_step(trainer: Trainer) -> bool:
     """Whether the loggers write the metrics of the current training step: every
-    ``log_every_n_steps``-th optimizer step and the last one. Lightning's own rule (its
+    ``log_every_n_steps``-th optimizer step, and when the trainer is stopping. Lightning's own rule (its
     ``should_update_logs``, used by LearningRateMonitor), computed from public state; a technique
     computes a costly metric only then."""
     return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop

@@ -15,7 +15,8 @@ from conftest import REPO, random_clip_weights
 from stacktrain.functional.acceleration_schedule import AccelerationSchedule, read_schedule_file
 
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))
-#: configs whose model needs pretrained CLIP weights (given here as a random tiny CLIP's file)
+#: configs whose model loads the cached tiny CLIP by name (given here as a random tiny CLIP's file, so
+#: that building them does not pretrain it)
 NEEDS_CLIP_WEIGHTS = {"prompt_tuning_noisy.yaml", "prompt_tuning_unsupervised.yaml", "stack_clip.yaml"}
 #: init arguments that are factories (built by the CLI into callables), not values to compare
 FACTORIES = {"optimizer", "lr_scheduler"}
@@ -86,7 +87,7 @@ def test_shipped_config_builds_what_it_says(config, tmp_path, monkeypatch, tiny_
     model_args = dict(content["model"].get("init_args") or {})
     assert type(cli.model).__name__ == content["model"]["class_path"].rsplit(".", 1)[-1]
     if os.path.basename(config) in NEEDS_CLIP_WEIGHTS:
-        assert model_args.pop("pretrained") is None  # the file leaves it to the user
+        assert model_args.pop("pretrained") == "stacktrain-tiny-clip"  # resolved to the cached weights
         assert cli.model.hparams.pretrained == tiny_clip_weights
     _check_arguments(cli.model, model_args)
 

@@ -24,6 +24,7 @@ from stacktrain.functional.quantize import max_code
 from stacktrain.lightning_modules import BoostedEarlyExit, ImageClassifier, PromptTunedCLIP
 
 CONFIGS = sorted(os.path.basename(c) for c in glob.glob(str(REPO / "configs" / "*.yaml")))
+#: configs that load the cached tiny CLIP by name: given a micro CLIP's file instead, so nothing pretrains
 NEEDS_CLIP_WEIGHTS = {"prompt_tuning_noisy.yaml", "prompt_tuning_unsupervised.yaml", "stack_clip.yaml"}
 #: every config: 4 micro-batches of at most 16 samples, 2 optimizer steps, no validation, one process
 QUICK = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.max_steps", "2",
