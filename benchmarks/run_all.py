@@ -38,6 +38,8 @@ from benchmarks.common import VERDICTS, machine, machine_line, staleness  # noqa
 #: attach cost first).
 BENCHMARKS = ["calibration", "stack_overhead", "token_dropout", "prune_regrow", "grad_quant", "early_exit",
               "prompt_tuning"]
+#: Benchmarks run by hand (they need root or more than this script's budget); their JSONs are collected too.
+COLLECTED_ONLY = ["two_nodes"]
 #: Claims no benchmark measures yet; listed under the verdict table so that their absence is visible.
 NOT_MEASURED = ["The stack's combined saving (several techniques in one run against the plain run): no benchmark "
                 "measures it yet."]
@@ -77,7 +79,7 @@ def result_files(results_dir: Path, small: bool) -> list[Path]:
     """The benchmark JSONs of one kind in ``results_dir``, in BENCHMARKS order (then by file name)."""
     files = [path for path in sorted(results_dir.glob("*.json"))
              if path.name != RUN_LOG and path.stem.endswith(SMALL_SUFFIX) == small]
-    order = {name: index for index, name in enumerate(BENCHMARKS)}
+    order = {name: index for index, name in enumerate(BENCHMARKS + COLLECTED_ONLY)}
 
     def key(path: Path) -> tuple[int, str]:
         return order.get(_benchmark_of(path), len(order)), path.name
@@ -96,8 +98,8 @@ def _load(path: Path) -> tuple[dict[str, Any], Any]:
     """A benchmark JSON and the module of the benchmark that wrote it."""
     payload = json.loads(path.read_text())
     name = payload["benchmark"]
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
+    if name not in BENCHMARKS + COLLECTED_ONLY:
+        raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS + COLLECTED_ONLY)})")
     return payload, importlib.import_module(f"benchmarks.{name}")
 
 

@@ -45,7 +45,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import parser, publish, table  # noqa: E402
+from benchmarks.common import meets_goal, parser, publish, table, verdict  # noqa: E402
 
 SCOPE = [
     "benchmarks/two_nodes.py",
@@ -312,6 +312,34 @@ def report(payload: dict[str, Any]) -> str:
     for link, rows in payload["links"].items():
         lines += [f"Link: {link}", "", table(rows, ["step_ms", "step_ratio", "bytes_per_step", "bytes_ratio"]), ""]
     return "\n".join(lines).rstrip()
+
+
+#: Issue 19's goals for stacktrain's INT4 all-gather: (link, at most this fraction of the fp32 step).
+STEP_GOALS = (("100mbit", 0.5), ("unlimited", 1.1))
+
+
+def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
+    """Issue 19's two-node claims: the INT4 step against the fp32 all-reduce's on the slow and the unlimited
+    link, and against PowerSGD's on the slow link (step time only: the runs are too short to compare accuracy)."""
+    if payload.get("skipped"):
+        return []
+    rows = []
+    for link, goal in STEP_GOALS:
+        measured = payload["links"].get(link, {})
+        if "int4_allgather" in measured and "fp32_allreduce" in measured:
+            ratio = measured["int4_allgather"]["step_ratio"]
+            rows.append(verdict(f"Two nodes, {link} link: INT4 communication step at most {goal}x the fp32 all-reduce's",
+                                meets_goal(ratio, goal),
+                                f"{ratio:.2f}x ({measured['int4_allgather']['step_ms']:.0f} against "
+                                f"{measured['fp32_allreduce']['step_ms']:.0f} ms, median step, one run each)",
+                                paper="QSGD: 1.8x faster on ResNet-152 (slow network)"))
+    slow = payload["links"].get("100mbit", {})
+    if "int4_allgather" in slow and "powersgd_hook" in slow:
+        ratio = slow["int4_allgather"]["step_ms"] / slow["powersgd_hook"]["step_ms"]
+        rows.append(verdict("Two nodes, 100mbit link: INT4 communication step no slower than PowerSGD's (rank 1)",
+                            meets_goal(ratio, 1.0), f"INT4 / PowerSGD: {ratio:.2f}x",
+                            reason="step time only: accuracy after the same steps is not compared (30-step runs)"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -33,3 +33,19 @@ def test_two_nodes_over_a_veth_pair_end_with_identical_weights(tmp_path):
     rank0, rank1 = (torch.load(tmp_path / "weights" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_verdicts_judge_the_int4_step_against_each_goal():
+    def rows(fp32_ms: float, int4_ms: float, powersgd_ms: float) -> dict:
+        return {"fp32_allreduce": {"step_ms": fp32_ms, "step_ratio": 1.0},
+                "int4_allgather": {"step_ms": int4_ms, "step_ratio": int4_ms / fp32_ms},
+                "powersgd_hook": {"step_ms": powersgd_ms, "step_ratio": powersgd_ms / fp32_ms}}
+
+    payload = {"links": {"unlimited": rows(100.0, 120.0, 110.0), "100mbit": rows(250.0, 120.0, 100.0)}}
+    found = {row["claim"]: row["verdict"] for row in two_nodes.verdicts(payload)}
+    assert found == {
+        "Two nodes, 100mbit link: INT4 communication step at most 0.5x the fp32 all-reduce's": "holds",  # 0.48x
+        "Two nodes, unlimited link: INT4 communication step at most 1.1x the fp32 all-reduce's": "fails",  # 1.2x
+        "Two nodes, 100mbit link: INT4 communication step no slower than PowerSGD's (rank 1)": "fails",  # 1.2x
+    }
+    assert two_nodes.verdicts({"skipped": "needs root"}) == []
