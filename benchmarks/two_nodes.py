@@ -20,7 +20,7 @@ Needs root and ``ip``/``tc`` (iproute2); without them it says why and skips. It 
 (and so the veth pair and its qdiscs) at the end, also after a failure. Not in run_all: each 2-node
 launch costs ~20 s of start-up, so even ``--small`` takes about a minute.
 
-    sudo python benchmarks/two_nodes.py [--links unlimited 1gbit 100mbit] [--methods ...] [--steps 30] [--small]
+    sudo python benchmarks/two_nodes.py [--links unlimited 1gbit 100mbit] [--methods ...] [--steps 30] [--repeats 3] [--small]
 """
 
 from __future__ import annotations
@@ -295,12 +295,22 @@ def launch(nodes: list[tuple[str, str]], config: Path, steps: int, workdir: Path
 
 
 def measure(nodes: list[tuple[str, str]], link: str, method: str, steps: int, warmup: int, workdir: Path,
-            config: Path) -> dict[str, Any]:
-    payload = launch(nodes, method_config(method, workdir, config), steps, workdir, f"{link}-{method}")
-    timed = payload["step_s"][warmup:]
+            config: Path, repeats: int = 1) -> dict[str, Any]:
+    """``repeats`` whole 2-node runs of one method on one link: the median of their median steps (each run
+    also listed), and the bytes per step (the same in every run)."""
+    runs_ms = []
+    for repeat in range(repeats):
+        payload = launch(nodes, method_config(method, workdir, config), steps, workdir, f"{link}-{method}-{repeat}")
+        runs_ms.append(1000 * statistics.median(payload["step_s"][warmup:]))
     sent, fp32 = bytes_per_step(method, payload)
-    return {"step_ms": 1000 * statistics.median(timed), "steps_timed": len(timed), "bytes_per_step": sent,
-            "fp32_bytes_per_step": fp32, "bytes_ratio": sent / fp32, "world_size": payload["world_size"]}
+    return {"step_ms": statistics.median(runs_ms), "step_ms_runs": runs_ms, "steps_timed": steps - warmup,
+            "bytes_per_step": sent, "fp32_bytes_per_step": fp32, "bytes_ratio": sent / fp32,
+            "world_size": payload["world_size"]}
+
+
+def _with_runs(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: dict(row, step_ms_runs=" ".join(f"{ms:.1f}" for ms in row.get("step_ms_runs", [row["step_ms"]])))
+            for name, row in rows.items()}
 
 
 def report(payload: dict[str, Any]) -> str:
@@ -308,9 +318,10 @@ def report(payload: dict[str, Any]) -> str:
         return f"Two nodes: skipped ({payload['skipped']})."
     lines = [f"Two nodes (two network namespaces, veth pair, `tc tbf` on both ends), torchrun --nnodes 2, "
              f"{payload['config']}, full-precision backward; median step after {payload['warmup']} warm-up steps "
-             f"(rank 0), bytes each rank sends per step; step_ratio against the fp32 all-reduce on the same link.", ""]
+             f"(rank 0; median over {payload.get('repeats', 1)} whole runs, each run's median in step_ms_runs), "
+             "bytes each rank sends per step; step_ratio against the fp32 all-reduce on the same link.", ""]
     for link, rows in payload["links"].items():
-        lines += [f"Link: {link}", "", table(rows, ["step_ms", "step_ratio", "bytes_per_step", "bytes_ratio"]), ""]
+        lines += [f"Link: {link}", "", table(_with_runs(rows), ["step_ms", "step_ms_runs", "step_ratio", "bytes_per_step", "bytes_ratio"]), ""]
     return "\n".join(lines).rstrip()
 
 
@@ -331,7 +342,7 @@ def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
             rows.append(verdict(f"Two nodes, {link} link: INT4 communication step at most {goal}x the fp32 all-reduce's",
                                 meets_goal(ratio, goal),
                                 f"{ratio:.2f}x ({measured['int4_allgather']['step_ms']:.0f} against "
-                                f"{measured['fp32_allreduce']['step_ms']:.0f} ms, median step, one run each)",
+                                f"{measured['fp32_allreduce']['step_ms']:.0f} ms, median step, median of {payload.get('repeats', 1)} runs)",
                                 paper="QSGD: 1.8x faster on ResNet-152 (slow network)"))
     slow = payload["links"].get("100mbit", {})
     if "int4_allgather" in slow and "powersgd_hook" in slow:
@@ -348,13 +359,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     arguments.add_argument("--steps", type=int, default=30)
     arguments.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
+    arguments.add_argument("--repeats", type=int, default=3, help="whole runs per link and method (median taken)")
     arguments.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
     args = arguments.parse_args(argv)
     links = ["unlimited"] if args.small else args.links
     methods = ["fp32_allreduce", "int4_allgather"] if args.small else args.methods
     steps, warmup = (6, 2) if args.small else (args.steps, args.warmup)
+    repeats = 1 if args.small else args.repeats
     config = Path(args.config).resolve()
-    payload: dict[str, Any] = {"config": config.name, "steps": steps, "warmup": warmup, "links": {}}
+    payload: dict[str, Any] = {"config": config.name, "steps": steps, "warmup": warmup, "repeats": repeats,
+                               "links": {}}
     workdir = Path(tempfile.mkdtemp(prefix="stacktrain-two-nodes-"))
     try:
         with two_namespaces() as nodes:
@@ -362,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 set_link(nodes, LINKS[link])
                 rows = {}
                 for method in methods:
-                    rows[method] = measure(nodes, link, method, steps, warmup, workdir, config)
+                    rows[method] = measure(nodes, link, method, steps, warmup, workdir, config, repeats)
                     print(f"  {link} {method}: {rows[method]['step_ms']:.1f} ms/step, "
                           f"{rows[method]['bytes_per_step']:.0f} B/step", flush=True)
                 base = rows.get("fp32_allreduce")

@@ -172,21 +172,20 @@ def relative_error(reference: torch.Tensor, approximation: torch.Tensor) -> torc
 # --------------------------------------------------------------------------------------------- packing
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Two signed 4-bit codes per byte (low nibble first); an odd count gets a zero pad nibble.
-    ``codes`` must lie in [-8, 7]."""
-    flat = codes.reshape(-1).to(torch.int16)
+    ``codes`` must lie in [-8, 7]. Works on the codes' two's-complement bytes (no wider copies)."""
+    flat = codes.reshape(-1).to(torch.int8).view(torch.uint8)
     if flat.numel() % 2:
         flat = torch.cat([flat, flat.new_zeros(1)])
-    nibbles = (flat & 0xF).to(torch.uint8).reshape(-1, 2)
-    return nibbles[:, 0] | (nibbles[:, 1] << 4)
+    pairs = flat.view(-1, 2)
+    return (pairs[:, 0] & 0xF) | (pairs[:, 1] << 4)  # uint8 shifts drop the high nibble's sign bits
 
 
 def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of `pack_int4`: ``numel`` int8 codes from the bytes (last dimension) of ``packed``.
-    A leading batch shape (one row per rank) is kept."""
-    low = (packed & 0xF).to(torch.int16)
-    high = (packed >> 4).to(torch.int16)
-    nibbles = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)[..., :numel]
-    return ((nibbles ^ 8) - 8).to(torch.int8)  # sign-extend 4 -> 8 bits
+    A leading batch shape (one row per rank) is kept. Sign extension by arithmetic shifts of int8."""
+    low = (packed << 4).view(torch.int8) >> 4
+    high = packed.view(torch.int8) >> 4
+    return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)[..., :numel]
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
