@@ -25,6 +25,7 @@ launch costs ~20 s of start-up, so even ``--small`` takes about a minute.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -253,11 +254,15 @@ def method_config(method: str, workdir: Path, config: Path) -> Path:
     return path
 
 
+#: Rendezvous ports, one per launch (inside the namespaces, so nothing else uses them).
+_PORTS = itertools.count(29500 + os.getpid() % 1000 * 20)
+
+
 def launch(nodes: list[tuple[str, str]], config: Path, steps: int, workdir: Path, name: str,
            weights_dir: Path | None = None, timeout: float = 300) -> dict[str, Any]:
     """One 2-node run: a torchrun per namespace; returns rank 0's JSON."""
     out = workdir / f"{name}.json"
-    port = str(29500 + os.getpid() % 1000)
+    port = str(next(_PORTS))  # a fresh port per launch: the last launch's store socket may linger (TIME_WAIT)
     processes = []
     for node_rank, (namespace, device) in enumerate(nodes):
         env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR",
@@ -280,8 +285,11 @@ def launch(nodes: list[tuple[str, str]], config: Path, steps: int, workdir: Path
             command.append(f"--trainer.callbacks.weights_dir={weights_dir}")
         log = open(workdir / f"{name}-node{node_rank}.log", "w")
         processes.append((subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + timeout
     try:
-        codes = [process.wait(timeout=timeout) for process, _ in processes]
+        codes = [process.wait(timeout=max(1.0, deadline - time.monotonic())) for process, _ in processes]
+    except subprocess.TimeoutExpired:
+        codes = [f"still running after {timeout:.0f} s"]
     finally:
         for process, log in processes:
             if process.poll() is None:
