@@ -40,6 +40,8 @@ BENCHMARKS = ["calibration", "stack_overhead", "token_dropout", "prune_regrow", 
               "prompt_tuning"]
 #: Benchmarks run by hand (they need root or more than this script's budget); their JSONs are collected too.
 COLLECTED_ONLY = ["two_nodes"]
+#: Every benchmark whose JSON `--collect` reads, in RESULTS.md's order.
+COLLECTED = BENCHMARKS + COLLECTED_ONLY
 #: Claims no benchmark measures yet; listed under the verdict table so that their absence is visible.
 NOT_MEASURED = ["The stack's combined saving (several techniques in one run against the plain run): no benchmark "
                 "measures it yet."]
@@ -79,7 +81,7 @@ def result_files(results_dir: Path, small: bool) -> list[Path]:
     """The benchmark JSONs of one kind in ``results_dir``, in BENCHMARKS order (then by file name)."""
     files = [path for path in sorted(results_dir.glob("*.json"))
              if path.name != RUN_LOG and path.stem.endswith(SMALL_SUFFIX) == small]
-    order = {name: index for index, name in enumerate(BENCHMARKS + COLLECTED_ONLY)}
+    order = {name: index for index, name in enumerate(COLLECTED)}
 
     def key(path: Path) -> tuple[int, str]:
         return order.get(_benchmark_of(path), len(order)), path.name
@@ -98,8 +100,8 @@ def _load(path: Path) -> tuple[dict[str, Any], Any]:
     """A benchmark JSON and the module of the benchmark that wrote it."""
     payload = json.loads(path.read_text())
     name = payload["benchmark"]
-    if name not in BENCHMARKS + COLLECTED_ONLY:
-        raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS + COLLECTED_ONLY)})")
+    if name not in COLLECTED:
+        raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(COLLECTED)})")
     return payload, importlib.import_module(f"benchmarks.{name}")
 
 
