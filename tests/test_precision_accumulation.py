@@ -31,10 +31,11 @@ QUICK = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "0",
          "--trainer.num_sanity_val_steps", "0", "--trainer.devices", "1", "--trainer.strategy", "auto",
          "--trainer.precision", "bf16-mixed", "--trainer.accumulate_grad_batches", "2"]
-#: test_resnet at 16 px ends in 1x1 feature maps, where the CPU's oneDNN bf16 backward of a padded 3x3
+#: ResNets at 16 px end in 1x1 feature maps, where the CPU's oneDNN bf16 backward of a padded 3x3
 #: convolution returns a few NaN weight-gradient entries from uninitialised memory (now and then: it
-#: goes away with torch.backends.mkldnn.enabled = False); at 32 px the maps are 2x2 and it does not occur
-AT_32_PX = {"grad_quant_int4.yaml", "stack_cnn.yaml"}
+#: goes away with torch.backends.mkldnn.enabled = False); at 32 px the maps are 2x2 and it does not occur.
+#: prune_regrow_resnet.yaml's resnet18 hit it once in a CI run (NonFiniteGuard skipped a step).
+AT_32_PX = {"grad_quant_int4.yaml", "prune_regrow_resnet.yaml", "stack_cnn.yaml"}
 CLIP_SMALL = ["--model.init_args.model_name", "stacktrain-micro-clip", "--model.init_args.n_ctx", "4",
               "--model.init_args.shots", "4", "--data.init_args.train_size", "120", "--data.init_args.val_size", "20",
               "--data.init_args.test_size", "20", "--data.init_args.batch_size", "4"]
