@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import itertools
 
 import pytest
 import torch
@@ -12,6 +12,7 @@ from stacktrain.functional.acceleration_schedule import (
     AccelerationSchedule,
     Phase,
     choose_phases,
+    dominated_candidates,
     cost_adjusted_error,
     gradient_error_stats,
     read_schedule_file,
@@ -87,6 +88,8 @@ def test_gradient_error_stats_separate_bias_from_variance():
     assert stats["variance"] == pytest.approx(size * (0.25 + 0.09) / reference, rel=0.1)
     same = gradient_error_stats(full, full)
     assert same["bias2"] == 0 and same["one_minus_cosine"] == pytest.approx(0, abs=1e-12) and same["relative_l2"] == 0
+    # (bias^2 + cost x variance) / full variance, from the known parts: (5 + 0.5 * 50 * 0.34) / (50 * 0.25)
+    assert cost_adjusted_error(stats, 0.5) == pytest.approx((5.0 + 0.5 * size * 0.34) / (size * 0.25), rel=0.1)
     assert cost_adjusted_error(same, 1.0) == pytest.approx(1.0)
     # half the cost, the same noise and no bias: twice as good per unit of compute
     assert cost_adjusted_error(dict(same, variance=same["full_variance"]), 0.5) == pytest.approx(0.5)
@@ -94,36 +97,71 @@ def test_gradient_error_stats_separate_bias_from_variance():
         gradient_error_stats(full[:1], compressed[:1])
 
 
-def test_choose_phases_compresses_where_error_per_cost_is_low_within_the_budget():
-    candidates = [(1.0, 1), (0.5, 1), (0.25, 1)]
-    costs = [1.0, 0.5, 0.25]
-    progress = [0.0, 0.25, 0.5, 0.75, 1.0]
-    # early in training compression is cheap in error; later its bias dominates
-    errors = [[1.0, 0.4, 0.3], [1.0, 0.5, 0.4], [1.0, 0.9, 1.5], [1.0, 1.3, 2.5], [1.0, 1.6, 3.0]]
-    unconstrained, cost = choose_phases(progress, errors, costs, candidates, budget=1.0)
-    assert unconstrained == [Phase(0.25, 0.25, 1), Phase(0.5, 0.5, 1), Phase(1.0, 1.0, 1)]
-    assert cost == pytest.approx(0.25 * 0.25 + 0.25 * 0.5 + 0.5 * 1.0)
-    tight, cost = choose_phases(progress, errors, costs, candidates, budget=0.4)
-    assert cost <= 0.4
-    assert tight[0].keep_ratio == 0.25 and tight[-1].end == 1.0
-    # exhaustive check of the optimum under the budget
-    best = math.inf
-    for a in range(3):
-        for b in range(3):
-            for c in range(3):
-                for d in range(3):
-                    choice = [a, b, c, d]
-                    if sum(0.25 * costs[i] for i in choice) > 0.4 + 1e-9:
-                        continue
-                    value = sum(0.25 * (errors[p][i] + errors[p + 1][i]) / 2 for p, i in enumerate(choice))
-                    best = min(best, value)
-    chosen = sum(0.25 * (errors[p][candidates.index(tight_candidate(tight, (p + 0.5) / 4))]
-                         + errors[p + 1][candidates.index(tight_candidate(tight, (p + 0.5) / 4))]) / 2
-                 for p in range(4))
-    assert chosen == pytest.approx(best)
-    with pytest.raises(StackError, match="budget=0.1 cannot be met.*at least 0.25"):
-        choose_phases(progress, errors, costs, candidates, budget=0.1)
+CANDIDATES = [(1.0, 1), (0.5, 1), (0.25, 1)]
+COSTS = [1.0, 0.5, 0.25]
+CHECKPOINTS = [0.0, 0.25, 0.5, 0.75]  # final stage 0.75 -> 1 is the full sequence
+# per checkpoint (rows) and candidate (columns); stage errors are the means of their two ends:
+# stage 0: [1, 0.45, 0.35], stage 1: [1, 0.55, 0.65], stage 2: [1, 0.7, 1.2]
+EARLY_COMPRESSION = [[1.0, 0.4, 0.3], [1.0, 0.5, 0.4], [1.0, 0.6, 0.9], [1.0, 0.8, 1.5]]
 
 
-def tight_candidate(phases: list[Phase], progress: float) -> tuple[float, int]:
-    return AccelerationSchedule(phases=phases).at(progress)
+def test_choose_phases_takes_each_stages_best_and_ends_full():
+    phases, cost = choose_phases(CHECKPOINTS, EARLY_COMPRESSION, COSTS, CANDIDATES)
+    assert phases == [Phase(0.25, 0.25, 1), Phase(0.75, 0.5, 1), Phase(1.0, 1.0, 1)]
+    assert cost == pytest.approx(0.25 * 0.25 + 0.5 * 0.5 + 0.25 * 1.0)
+    # a budget that the unconstrained choice meets changes nothing
+    assert choose_phases(CHECKPOINTS, EARLY_COMPRESSION, COSTS, CANDIDATES, budget=0.6) == (phases, cost)
+
+
+def test_choose_phases_never_increases_compression():
+    # stage bests are keep 0.5, then 0.25, then 0.5: heavier compression later is not allowed.
+    # stage errors: [1, 0.5, 0.75], [1, 0.6, 0.4], [1, 0.7, 0.8]; the best monotone sum is 0.5 + 0.6 + 0.7
+    errors = [[1.0, 0.4, 1.0], [1.0, 0.6, 0.5], [1.0, 0.6, 0.3], [1.0, 0.8, 1.3]]
+    phases, cost = choose_phases(CHECKPOINTS, errors, COSTS, CANDIDATES)
+    assert phases == [Phase(0.75, 0.5, 1), Phase(1.0, 1.0, 1)]
+    assert cost == pytest.approx(0.75 * 0.5 + 0.25)
+    # every monotone path by brute force: none has a lower summed error
+    best = min(sum(0.25 * (errors[s][c] + errors[s + 1][c]) / 2 for s, c in enumerate(path))
+               for path in itertools.product(range(3), repeat=3)
+               if all(COSTS[b] >= COSTS[a] for a, b in zip(path, path[1:])))
+    assert best == pytest.approx(0.25 * (0.5 + 0.6 + 0.7))
+
+
+def test_choose_phases_respects_a_budget_or_says_what_it_needs():
+    phases, cost = choose_phases(CHECKPOINTS, EARLY_COMPRESSION, COSTS, CANDIDATES, budget=0.45)
+    assert phases == [Phase(0.75, 0.25, 1), Phase(1.0, 1.0, 1)] and cost == pytest.approx(0.4375) and cost <= 0.45
+    with pytest.raises(StackError, match=r"budget=0.3 cannot be met.*costs 0.438.*at least 0.44"):
+        choose_phases(CHECKPOINTS, EARLY_COMPRESSION, COSTS, CANDIDATES, budget=0.3)
+
+
+def test_choose_phases_skips_candidates_not_measured_and_checks_its_input():
+    errors = [row[:] for row in EARLY_COMPRESSION]
+    for row in errors[1:]:
+        row[1] = None  # keep 0.5 dropped after the first checkpoint
+    phases, _ = choose_phases(CHECKPOINTS, errors, COSTS, CANDIDATES)
+    assert phases == [Phase(0.5, 0.25, 1), Phase(1.0, 1.0, 1)]
+    with pytest.raises(ValueError, match="below 1"):
+        choose_phases([0.0, 0.5, 1.0], EARLY_COMPRESSION, COSTS, CANDIDATES)
+    with pytest.raises(ValueError, match="full sequence"):
+        choose_phases(CHECKPOINTS, EARLY_COMPRESSION, COSTS, [(0.75, 1), (0.5, 1), (0.25, 1)])
+
+
+def test_dominated_candidates_need_to_lose_on_cost_bias_and_variance():
+    def stats(bias2, variance):
+        return {"bias2": bias2, "variance": variance}
+
+    table = [
+        stats(0.0, 1.0),   # 0: full sequence, cost 1: protected
+        stats(0.2, 1.2),   # 1: cost 0.5
+        stats(0.3, 1.3),   # 2: cost 0.6, worse than 1 on all three counts: dropped
+        stats(0.5, 1.1),   # 3: cost 0.25, cheaper than 1 but more biased: kept
+        stats(0.5, 1.1),   # 4: the same as 3: ties drop neither
+        None,              # 5: not measured
+        stats(0.0, 0.9),   # 6: cost 0.9, beats the full sequence, which stays
+        stats(0.2, 1.0),   # 7: cost 0.6, less variance than 1 but dearer: kept
+    ]
+    costs = [1.0, 0.5, 0.6, 0.25, 0.25, 0.1, 0.9, 0.6]
+    assert dominated_candidates(table, costs, protected=[0]) == {2}
+    assert 0 in dominated_candidates(table, costs)
+
+

@@ -10,9 +10,11 @@ or a named shape of the keep ratio:
 - ``linear`` / ``cosine``: the keep ratio rises from ``keep_ratio`` at the start to 1 at ``until``
   (straight line / half cosine), full sequence after.
 
-The search (`gradient_error_stats`, `cost_adjusted_error`, `choose_phases`) compares, at checkpoints of
-training, each candidate compression's gradient with the full-sequence gradient on the same batches and
-picks, per phase, the candidates with the least cost-adjusted error that fit the compute budget.
+The search (`gradient_error_stats`, `cost_adjusted_error`, `dominated_candidates`, `choose_phases`)
+compares, at checkpoints of a training run, each candidate compression's gradient with the full-sequence
+gradient on the same batches and picks, per stage, the candidate with the least cost-adjusted error,
+compression never increasing over training and the full sequence in the final stage (optionally within
+a compute budget).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "write_schedule_file",
     "gradient_error_stats",
     "cost_adjusted_error",
+    "dominated_candidates",
     "choose_phases",
 ]
 
@@ -274,72 +277,129 @@ def cost_adjusted_error(stats: Mapping[str, float], relative_cost: float) -> flo
     return (stats["bias2"] + relative_cost * stats["variance"]) / full_variance
 
 
+def dominated_candidates(
+    stats: Sequence[Mapping[str, float] | None],
+    costs: Sequence[float],
+    protected: Sequence[int] = (),
+) -> set[int]:
+    """Indices of candidates that another measured candidate beats on every count at one checkpoint.
+
+    ``B`` dominates ``A`` when it costs no more and has no more squared bias *and* no more variance,
+    and is strictly better in one of the three. Comparing bias and variance separately (not only
+    their cost-adjusted sum) keeps the verdict valid for any weight between them: over training the
+    bias of a compression grows relative to the noise, and a candidate ahead on both stays ahead
+    however that weight shifts. Cheaper also means ``B`` allows every later, lighter compression
+    that ``A`` would, so dropping ``A`` never removes a schedule the choice could need. Candidates
+    with ``None`` stats (not measured) neither dominate nor are dropped; ``protected`` (the full
+    sequence) are never dropped.
+    """
+    measured = [i for i, s in enumerate(stats) if s is not None]
+    dropped: set[int] = set()
+    for a in measured:
+        if a in protected:
+            continue
+        for b in measured:
+            sa, sb = stats[a], stats[b]
+            assert sa is not None and sb is not None
+            no_worse = costs[b] <= costs[a] and sb["bias2"] <= sa["bias2"] and sb["variance"] <= sa["variance"]
+            better = costs[b] < costs[a] or sb["bias2"] < sa["bias2"] or sb["variance"] < sa["variance"]
+            if b != a and no_worse and better:
+                dropped.add(a)
+                break
+    return dropped
+
+
 def choose_phases(
     progress: Sequence[float],
-    errors: Sequence[Sequence[float]],
+    errors: Sequence[Sequence[float | None]],
     costs: Sequence[float],
     candidates: Sequence[tuple[float, int]],
-    budget: float,
+    budget: float | None = None,
     *,
-    resolution: int = 2000,
+    resolution: int = 1000,
 ) -> tuple[list[Phase], float]:
-    """Pick one candidate per phase: the least total cost-adjusted error within the compute budget.
+    """The paper's rule: per stage the candidate with the least cost-adjusted error, compression never
+    increasing over training, full sequences in the final stage.
 
-    ``progress`` are the measurement points (increasing, first 0, last 1); phase ``i`` runs from
+    ``progress`` are the checkpoints (increasing, first 0, all below 1). Stage ``i`` runs from
     ``progress[i]`` to ``progress[i + 1]`` and its error for candidate ``c`` is the mean of
-    ``errors[i][c]`` and ``errors[i + 1][c]``. The budget bounds the mean relative cost over training,
-    ``sum_i width_i * costs[c_i] <= budget``. Exact multiple-choice knapsack by dynamic programming on
-    costs rounded *up* to ``1/resolution`` (so the budget always holds). Adjacent phases with the same
-    candidate are merged. Returns the phases and their mean relative cost.
+    ``errors[i][c]`` and ``errors[i + 1][c]`` (``None``: not measured there, so not available); the
+    final stage, from the last checkpoint to 1, is the full sequence ``(1.0, 1)``, which must be a
+    candidate. Among schedules whose relative cost never decreases from stage to stage, the one with
+    the least width-weighted error is chosen (exactly, by dynamic programming); without a monotonicity
+    conflict that is each stage's own best. ``budget`` (optional) caps the mean relative cost over
+    training, final stage included; costs are rounded *up* to ``1/resolution`` so the cap always holds.
+    Adjacent stages with the same candidate are merged. Returns the phases and their mean relative cost.
     """
     points = [float(p) for p in progress]
-    if len(points) < 2 or points[0] != 0.0 or points[-1] != 1.0 or any(b <= a for a, b in zip(points, points[1:])):
-        raise ValueError(f"progress points must increase from 0 to 1, got {points}")
+    if len(points) < 2 or points[0] != 0.0 or points[-1] >= 1.0 or any(b <= a for a, b in zip(points, points[1:])):
+        raise ValueError(f"checkpoints must increase from 0 and stay below 1 (at least 2), got {points}")
+    if (1.0, 1) not in [(float(k), int(s)) for k, s in candidates]:
+        raise ValueError("the full sequence (1.0, 1) must be a candidate: it is the final stage")
     widths = [b - a for a, b in zip(points, points[1:])]
-    phase_errors = [[(errors[i][c] + errors[i + 1][c]) / 2 for c in range(len(candidates))] for i in range(len(widths))]
-    capacity = int(math.floor(budget * resolution + 1e-9))
-    weights = [[int(math.ceil(w * costs[c] * resolution - 1e-9)) for c in range(len(candidates))] for w in widths]
-    cheapest = sum(min(row) for row in weights)
-    if cheapest > capacity:
-        minimum = sum(w * min(costs) for w in widths)
+    final_width = 1.0 - points[-1]
+    full = [(float(k), int(s)) for k, s in candidates].index((1.0, 1))
+    stage_errors = [[_mean_of_ends(errors[i][c], errors[i + 1][c]) if costs[c] <= costs[full] else math.inf
+                     for c in range(len(candidates))] for i in range(len(widths))]
+    if budget is None:
+        weights, capacity = [[0] * len(candidates) for _ in widths], 0
+    else:
+        weights = [[math.ceil(w * cost * resolution - 1e-9) for cost in costs] for w in widths]
+        capacity = math.floor((budget - final_width) * resolution + 1e-9)
+    chosen = _monotone_path(stage_errors, widths, costs, weights, capacity)
+    if chosen is None:
+        cheapest = _monotone_path(stage_errors, widths, costs, [[0] * len(costs) for _ in widths], 0,
+                                  value=lambda width, c, error: width * costs[c])
+        minimum = final_width + sum(w * costs[c] for w, c in zip(widths, cheapest or []))
         raise StackError(
-            f"cannot be met: even the cheapest candidate everywhere costs {minimum:.3f} of the full run",
+            f"cannot be met: the cheapest schedule that never increases compression and ends at the full "
+            f"sequence from {points[-1]:g} costs {minimum:.3f} of the full run",
             source="search_schedule", key="budget", value=budget,
-            fix=f"raise --budget to at least {math.ceil(minimum * 100) / 100:.2f} or add cheaper candidates "
-                "(smaller --keep-ratios, larger --patch-scales)",
+            fix=f"raise --budget to at least {math.ceil(minimum * 100) / 100:.2f}, leave it out (the paper's rule "
+                "alone), move the last checkpoint later or add cheaper candidates",
         )
-    infinity = math.inf
-    best = [0.0] + [infinity] * capacity  # best[b]: least error so far using exactly b units
-    choices: list[list[int]] = []
-    for phase, width in enumerate(widths):
-        new = [infinity] * (capacity + 1)
-        picked = [-1] * (capacity + 1)
-        for used, error in enumerate(best):
-            if error == infinity:
-                continue
-            for c in range(len(candidates)):
-                total = used + weights[phase][c]
-                if total > capacity:
-                    continue
-                value = error + width * phase_errors[phase][c]
-                if value < new[total] - 1e-15:
-                    new[total], picked[total] = value, c
-        best = new
-        choices.append(picked)
-    # backtrack from the best final budget use
-    used = min(range(capacity + 1), key=lambda b: (best[b], b))
-    chosen = [0] * len(widths)
-    for phase in reversed(range(len(widths))):
-        c = choices[phase][used]
-        chosen[phase] = c
-        used -= weights[phase][c]
     phases: list[Phase] = []
-    for phase, c in enumerate(chosen):
-        keep, scale = candidates[c]
-        end = points[phase + 1]
-        if phases and (phases[-1].keep_ratio, phases[-1].patch_scale) == (float(keep), int(scale)):
-            phases[-1] = Phase(end, float(keep), int(scale))
+    for end, c in zip([*points[1:], 1.0], [*chosen, full]):
+        keep, scale = float(candidates[c][0]), int(candidates[c][1])
+        if phases and (phases[-1].keep_ratio, phases[-1].patch_scale) == (keep, scale):
+            phases[-1] = Phase(end, keep, scale)
         else:
-            phases.append(Phase(end, float(keep), int(scale)))
-    mean_cost = sum(w * costs[c] for w, c in zip(widths, chosen))
+            phases.append(Phase(end, keep, scale))
+    mean_cost = final_width * costs[full] + sum(w * costs[c] for w, c in zip(widths, chosen))
     return phases, mean_cost
+
+
+def _mean_of_ends(start: float | None, end: float | None) -> float:
+    if start is None or end is None or not math.isfinite(start) or not math.isfinite(end):
+        return math.inf
+    return (start + end) / 2
+
+
+def _monotone_path(
+    stage_errors: Sequence[Sequence[float]],
+    widths: Sequence[float],
+    costs: Sequence[float],
+    weights: Sequence[Sequence[int]],
+    capacity: int,
+    value: Any = None,
+) -> list[int] | None:
+    """Candidates per stage minimising ``sum value(width, c, error)`` (default ``width * error``) over
+    paths whose cost never decreases and whose summed ``weights`` stay within ``capacity``; ``None``
+    when no such path exists. State: (last candidate, units used)."""
+    value = value or (lambda width, c, error: width * error)
+    states: dict[tuple[int, int], tuple[float, list[int]]] = {(-1, 0): (0.0, [])}
+    for stage, width in enumerate(widths):
+        following: dict[tuple[int, int], tuple[float, list[int]]] = {}
+        for (last, used), (total, path) in states.items():
+            for c in sorted(range(len(costs)), key=lambda i: costs[i]):
+                error = stage_errors[stage][c]
+                spent = used + weights[stage][c]
+                if not math.isfinite(error) or spent > capacity or (last >= 0 and costs[c] < costs[last]):
+                    continue
+                candidate_total = total + value(width, c, error)
+                if candidate_total < following.get((c, spent), (math.inf, []))[0] - 1e-15:
+                    following[(c, spent)] = (candidate_total, [*path, c])
+        states = following
+    if not states:
+        return None
+    return min(states.values(), key=lambda item: item[0])[1]
