@@ -1,35 +1,35 @@
-"""Search an acceleration schedule for `TokenDropout` by measuring gradient estimation error against cost.
+"""Search an acceleration schedule for `TokenDropout` by measuring gradient estimation error against cost
+at checkpoints of a real training run.
 
-    python -m stacktrain.search_schedule --config configs/simclr_token_dropout.yaml --budget 0.3 \\
-        --out configs/schedules/simclr_digits.yaml
+    python -m stacktrain.search_schedule --config configs/simclr_token_dropout.yaml \\
+        --out configs/schedules/simclr_digits.yaml [--checkpoints DIR] [--budget 0.4]
 
 writes the schedule (YAML, for ``TokenDropout(schedule_file=...)``) and ``<out>.png`` (error against
 cost at every checkpoint, and the chosen schedule).
 
 The procedure (after Lin et al., NeurIPS 2024, "Accelerating Augmentation Invariance Pretraining"):
 
-1. **Calibration run.** The config's model and data are trained at the full sequence for
-   ``--calibration-fraction`` of the config's training length (the LR schedule shrinks with it, so the
-   short run passes through the same phases: warm-up, peak, decay). Callbacks and loggers of the config
-   are left out.
-2. **Checkpoints.** At fractions ``--points`` of the calibration run (dense early: the error of a
-   compression changes fastest in the first steps) the search measures, on ``--batches`` fixed training
-   batches, the gradient of the module's training loss w.r.t. all trainable parameters: once at the
-   full sequence, and once per candidate compression ``(keep ratio, patch scale)`` from
-   ``--keep-ratios`` x ``--patch-scales`` with fresh random token masks per batch. The model state is
-   restored before every measurement (EMA teachers, BatchNorm statistics and DINO's centre included),
-   and the global RNG is the same for every candidate on a batch, so only the compression differs.
-3. **Errors.** Per candidate and checkpoint (`gradient_error_stats`): ``1 - cos`` and relative L2 to the
-   full-sequence gradient of the same batch, the squared bias (systematic error) and the variance of
-   the compressed estimate, and the batch-to-batch variance of the full one.
-4. **Cost.** The FLOPs of the module's whole training step (forward and backward, teacher included)
-   under each candidate, from the shared FLOP counter, relative to the full sequence.
-5. **Choice.** The cost-adjusted error ``(bias^2 + cost x variance) / full variance``
-   (`cost_adjusted_error`: the mean squared error one unit of compute buys; 1 for the full sequence)
-   is averaged over each phase's two end checkpoints; `choose_phases` then picks one candidate per phase
-   minimising the summed error subject to the mean relative cost over training ``<= --budget``.
+1. **Checkpoints of a real run.** `ProgressCheckpoints` saves the module's whole state (weights and
+   buffers: EMA teachers, BatchNorm statistics, DINO's centre) at the first optimizer step at or after
+   each fraction ``--points`` of an ordinary full-length training run (dense early: the error of a
+   compression changes fastest in the first steps). Attach it to a baseline run you train anyway and
+   pass its folder as ``--checkpoints``; without it the search trains the config's full-sequence run
+   itself (its callbacks, loggers and validation left out) and reports that training's cost apart.
+2. **Measurement** (`measure_checkpoints`). At each checkpoint, on ``--batches`` fixed training batches,
+   the gradient of the module's training loss w.r.t. all trainable parameters: once at the full
+   sequence and once per candidate ``(keep ratio, patch scale)`` with fresh random token masks. The
+   module's state and the global RNG are restored after every gradient; the module's logging goes to
+   a scratch collection. A candidate that another beats on cost, squared bias and variance at once is
+   not measured again (`dominated_candidates`).
+3. **Errors** (`gradient_error_stats`): squared bias and variance of each candidate's estimate against
+   the full gradient, and the batch-to-batch variance of the full one; the cost-adjusted error
+   ``(bias^2 + relative_cost x variance) / full variance`` (`cost_adjusted_error`; 1 for the full
+   sequence). Costs are the FLOPs of the module's whole training step under each candidate.
+4. **Choice** (`choose_phases`): per stage between checkpoints the candidate with the least
+   cost-adjusted error, compression never increasing over training, the full sequence from the last
+   checkpoint to the end; ``--budget`` (optional) caps the mean relative cost.
 
-The schedule is in fractions of training, so it applies to the full-length run unchanged.
+The schedule is in fractions of training, so it applies to the run it was measured on unchanged.
 """
 
 from __future__ import annotations
@@ -40,26 +40,29 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 from lightning.pytorch.utilities import rank_zero_info
 
+from stacktrain.callbacks.token_dropout import _first_step_at
 from stacktrain.errors import StackError, require_number
 from stacktrain.functional.acceleration_schedule import (
     AccelerationSchedule,
     choose_phases,
     cost_adjusted_error,
+    dominated_candidates,
     gradient_error_stats,
     write_schedule_file,
 )
 from stacktrain.functional.flops import flop_counter
 from stacktrain.functional.token_drop import (
     PATCH_MODES,
-    SequenceCompression,
     ViTCostModel,
     check_keep_ratio,
     check_patch_scale,
@@ -67,163 +70,333 @@ from stacktrain.functional.token_drop import (
     select_vit,
 )
 
-__all__ = ["GradientProbe", "search_schedule", "main"]
+__all__ = [
+    "DEFAULT_POINTS",
+    "ProgressCheckpoints",
+    "load_progress_checkpoints",
+    "GradientProbe",
+    "logging_discarded",
+    "make_candidates",
+    "measure_checkpoints",
+    "search_schedule",
+    "main",
+]
 
-DEFAULT_POINTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+#: Fractions of training to checkpoint at: dense early, where a compression's error changes fastest.
+DEFAULT_POINTS = (0.0, 0.05, 0.15, 0.35, 0.7)
+INDEX = "progress_checkpoints.yaml"
 SOURCE = "search_schedule"
+FULL = (1.0, 1)
 
 
-class GradientProbe(Callback):
-    """Measures, during a full-sequence training run, every candidate compression's gradient error and
-    cost at the given fractions of training (procedure in the module docstring)."""
+def _check_points(points: Sequence[float], key: str = "--points", source: str = SOURCE) -> list[float]:
+    """Checkpoint fractions: increasing, from 0, below 1 (the final stage is full, nothing to measure)."""
+    checked = sorted({float(p) for p in points})
+    if len(checked) < 2 or checked[0] != 0.0 or checked[-1] >= 1.0:
+        raise StackError("must start at 0, stay below 1 and hold at least 2 fractions", source=source, key=key,
+                         value=list(points), fix="give increasing fractions of training such as 0,0.05,0.15,0.35,0.7 "
+                         "(the final stage after the last one is always the full sequence)")
+    return checked
 
-    def __init__(
-        self,
-        points: Sequence[float],
-        candidates: Sequence[tuple[float, int]],
-        batches: int = 6,
-        patch_mode: str = "flexi",
-        vit_path: str | None = None,
-        seed: int = 0,
-    ) -> None:
-        self.points = [float(p) for p in points]
-        self.candidates = [(float(k), int(s)) for k, s in candidates]
-        self.batches = int(batches)
-        self.patch_mode = patch_mode
-        self.vit_path = vit_path
-        self.seed = int(seed)
-        self.compression: SequenceCompression | None = None
-        self.generator = torch.Generator()
-        #: per point: {"progress", "step", "stats": [per candidate dict]}
-        self.measurements: list[dict[str, Any]] = []
-        self.relative_costs: list[float] = []
-        self.vit_relative_costs: list[float] = []
-        self.measure_seconds = 0.0
-        self._steps: dict[int, float] = {}
-        self._batches: list[Any] = []
 
-    # ------------------------------------------------------------------------------------ hooks
+def _total_steps(trainer: Trainer) -> int:
+    """Optimizer steps of the run, as `TokenDropout` and the contrastive modules count them."""
+    total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+    return int(total) if total != float("inf") else 1
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+class ProgressCheckpoints(Callback):
+    """Saves ``pl_module.state_dict()`` (weights and buffers), the global step and the progress at the
+    first optimizer step at or after each fraction ``points`` of training, into ``dirpath`` with an
+    index (`load_progress_checkpoints`), and the run's CPU time at its end.
+
+    Attach it to a training run you do anyway (a benchmark's baseline) so the schedule search reuses its
+    checkpoints instead of training again. It draws no random numbers and changes nothing in the module,
+    so the run ends exactly as it would without it; a few ``torch.save`` calls are its whole cost.
+    """
+
+    def __init__(self, points: Sequence[float] = DEFAULT_POINTS, dirpath: str = "progress_checkpoints") -> None:
+        self.points = _check_points(points, key="points", source="ProgressCheckpoints")
+        self.dirpath = str(dirpath)
+        self.entries: list[dict[str, Any]] = []
+        self._pending: list[tuple[float, int]] = []
+        self._total = 0
+        self._cpu_start = 0.0
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.compression is not None:
-            return
-        _, vit = select_vit(pl_module, self.vit_path, source=SOURCE)
-        self.generator = torch.Generator(device=trainer.strategy.root_device)
-        self.compression = install_sequence_compression(
-            vit, patch_scaling=any(s > 1 for _, s in self.candidates), patch_mode=self.patch_mode,  # type: ignore[arg-type]
-            generator=self.generator, source=SOURCE,
-        )
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.compression is not None:
-            self.compression.remove()
-            self.compression = None
+        if stage == "fit" and os.path.exists(os.path.join(self.dirpath, INDEX)):
+            raise StackError("already holds progress checkpoints; they are never overwritten",
+                             source="ProgressCheckpoints", key="dirpath", value=self.dirpath,
+                             fix="give a new folder or move the old one away")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._total = _total_steps(trainer)
+        self._pending = [(p, _first_step_at(p, self._total)) for p in self.points]
+        self.entries = []
+        self._cpu_start = time.process_time()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        due = [point for point, at in self._pending if at <= step]
+        if not due:
+            return
+        self._pending = [(point, at) for point, at in self._pending if at > step]
+        if trainer.is_global_zero:  # one copy: DDP keeps the module equal on every rank
+            os.makedirs(self.dirpath, exist_ok=True)
+            name = f"step-{step:07d}.pt"
+            torch.save({"state_dict": pl_module.state_dict(), "global_step": step, "total_steps": self._total},
+                       os.path.join(self.dirpath, name))
+            self.entries.append({"point": due[0], "progress": step / self._total, "step": step, "file": name})
+            self._write_index(complete=False)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero and self.entries:
+            self._write_index(complete=True, cpu_seconds=time.process_time() - self._cpu_start,
+                              steps=trainer.global_step)
+
+    def _write_index(self, complete: bool, **extra: Any) -> None:
+        content = {"total_steps": self._total, "complete": complete, **extra, "checkpoints": self.entries}
+        with open(os.path.join(self.dirpath, INDEX), "w", encoding="utf-8") as handle:
+            handle.write("# written by stacktrain.search_schedule.ProgressCheckpoints; read by load_progress_checkpoints\n")
+            yaml.safe_dump(content, handle, sort_keys=False)
+
+
+def _read_index(dirpath: str) -> dict[str, Any]:
+    path = os.path.join(dirpath, INDEX)
+    if not os.path.isfile(path):
+        raise StackError(f"holds no {INDEX}", source=SOURCE, key="--checkpoints", value=dirpath,
+                         fix="attach stacktrain.search_schedule.ProgressCheckpoints(dirpath=...) to a training "
+                             "run first, or leave --checkpoints out to let the search train one")
+    with open(path, encoding="utf-8") as handle:
+        return dict(yaml.safe_load(handle) or {})
+
+
+def load_progress_checkpoints(dirpath: str) -> list[tuple[float, int, str]]:
+    """``(progress, global_step, file)`` of every checkpoint `ProgressCheckpoints` wrote into ``dirpath``,
+    in training order."""
+    found = []
+    for entry in _read_index(dirpath).get("checkpoints") or []:
+        path = os.path.join(dirpath, entry["file"])
+        if not os.path.isfile(path):
+            raise StackError(f"lists {entry['file']}, which is missing", source=SOURCE, key="--checkpoints",
+                             value=dirpath, fix="point to the folder as ProgressCheckpoints left it")
+        found.append((float(entry["progress"]), int(entry["step"]), path))
+    return sorted(found)
+
+
+# ------------------------------------------------------------------------------------ measuring
+@contextmanager
+def logging_discarded(pl_module: LightningModule) -> Iterator[None]:
+    """``self.log`` calls of the module inside go to a scratch result collection, as if from its
+    ``training_step``, and are dropped: the probe's forwards never reach the run's logs or progress
+    bar, and no method of the module is replaced."""
+    loop = pl_module.trainer.fit_loop.epoch_loop
+    saved = loop._results, pl_module._current_fx_name
+    loop._results = _ResultCollection(training=True)
+    pl_module._current_fx_name = "training_step"
+    try:
+        yield
+    finally:
+        loop._results, pl_module._current_fx_name = saved
+
+
+@contextmanager
+def at_global_step(trainer: Trainer, step: int) -> Iterator[None]:
+    """``trainer.global_step`` reads ``step`` inside, so the module's step-dependent schedules (EMA
+    momentum, DINO's teacher temperature) are those of the checkpoint being measured."""
+    progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total
+    saved = progress.completed
+    progress.completed = int(step)
+    try:
+        yield
+    finally:
+        progress.completed = saved
+
+
+@contextmanager
+def preserved_state(pl_module: LightningModule) -> Iterator[Callable[[], None]]:
+    """Yields ``restore()``, which puts the module's state_dict back as it was on entry; on exit the
+    state, the parameters' ``.grad``, the training mode and the global RNG are restored exactly."""
+    snapshot = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+    grads = [(p, p.grad) for p in pl_module.parameters()]
+    was_training = pl_module.training
+
+    def restore() -> None:
+        pl_module.load_state_dict(snapshot)
+
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield restore
+        finally:
+            restore()
+            for parameter, grad in grads:
+                parameter.grad = grad
+            pl_module.train(was_training)
+
+
+class GradientProbe:
+    """Gradients of a module's training loss under candidate compressions, for a module inside a
+    running fit (its ``training_step`` may read ``trainer.global_step`` and the strategy).
+
+    It installs its own sequence compression into the ViT (state_dict keys unchanged) until `close`."""
+
+    def __init__(self, pl_module: LightningModule, candidates: Sequence[tuple[float, int]], *,
+                 patch_mode: str = "flexi", vit_path: str | None = None, seed: int = 0) -> None:
         if not pl_module.automatic_optimization:
             raise StackError("needs a module with automatic optimization (training_step returns the loss)",
                              source=SOURCE, key="model", value=type(pl_module).__name__)
-        total = int(trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches)
-        self._steps = {}
-        for point in self.points[:-1]:
-            self._steps.setdefault(int(round(point * total)), point)
-        loader = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else trainer.train_dataloader
-        iterator = iter(loader)
-        self._batches = []
-        for _ in range(self.batches):
-            try:
-                self._batches.append(trainer.strategy.batch_to_device(next(iterator)))
-            except StopIteration:
-                break
-        if len(self._batches) < 2:
-            raise StackError("needs at least 2 training batches to measure gradient noise", source=SOURCE,
-                             key="--batches", value=self.batches, fix="use more data or a smaller batch size")
-        self._measure_costs(pl_module)
+        self.module = pl_module
+        self.candidates = [(float(k), int(s)) for k, s in candidates]
+        self.seed = int(seed)
+        _, vit = select_vit(pl_module, vit_path, source=SOURCE)
+        self.generator = torch.Generator(device=pl_module.device)
+        self.compression = install_sequence_compression(
+            vit, patch_scaling=any(s > 1 for _, s in self.candidates), patch_mode=patch_mode,  # type: ignore[arg-type]
+            generator=self.generator, source=SOURCE)
+        self.params = [p for p in pl_module.parameters() if p.requires_grad]
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        point = self._steps.pop(trainer.global_step, None)
-        if point is not None:
-            self._measure(trainer, pl_module, point)
+    def close(self) -> None:
+        self.compression.remove()
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._measure(trainer, pl_module, self.points[-1])
-
-    # ------------------------------------------------------------------------------------ measuring
-    def _gradient(self, pl_module: LightningModule, batch: Any, compression: tuple[float, int], rng_seed: int,
-                  mask_seed: int) -> torch.Tensor:
-        """The flattened gradient of the training loss on ``batch`` under ``compression``; the global RNG
-        (model dropout) is seeded with ``rng_seed``, the token masks with ``mask_seed``."""
-        assert self.compression is not None
-        self.compression.set(*compression)
+    def _loss(self, batch: Any, candidate: tuple[float, int], rng_seed: int, mask_seed: int) -> torch.Tensor:
+        self.compression.set(*candidate)
         self.generator.manual_seed(mask_seed)
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(rng_seed)
-            output = pl_module.training_step(batch, 0)
-        loss = output["loss"] if isinstance(output, dict) else output
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+        torch.manual_seed(rng_seed)  # model dropout and the like: equal for every candidate on a batch
+        output = self.module.training_step(batch, 0)
+        return output["loss"] if isinstance(output, dict) else output
 
-    def _silenced(self, pl_module: LightningModule) -> dict[str, torch.Tensor]:
-        pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-        pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-        return {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+    def _gradient(self, batch: Any, candidate: tuple[float, int], rng_seed: int, mask_seed: int) -> torch.Tensor:
+        grads = torch.autograd.grad(self._loss(batch, candidate, rng_seed, mask_seed), self.params, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, self.params)])
 
-    def _restore(self, pl_module: LightningModule, snapshot: dict[str, torch.Tensor], done: bool = False) -> None:
-        pl_module.load_state_dict(snapshot)
-        if done:
-            del pl_module.log, pl_module.log_dict
-            assert self.compression is not None
-            self.compression.set(1.0, 1)
-            for parameter in pl_module.parameters():
-                parameter.grad = None
+    def costs(self, batch: Any) -> list[float]:
+        """FLOPs of the module's whole training step (forward and backward, teacher included) per
+        candidate, relative to the full sequence; measured once, they do not depend on the weights."""
+        flops = {}
+        with preserved_state(self.module) as restore, logging_discarded(self.module):
+            self.module.train()
+            for candidate in dict.fromkeys([FULL, *self.candidates]):
+                with flop_counter() as counter:  # its module hooks need .backward(), not autograd.grad
+                    self._loss(batch, candidate, self.seed, self.seed).backward()
+                flops[candidate] = float(counter.get_total_flops())
+                restore()
+                for parameter in self.params:
+                    parameter.grad = None
+            self.compression.set(*FULL)
+        return [flops[c] / flops[FULL] for c in self.candidates]
 
-    def _measure_costs(self, pl_module: LightningModule) -> None:
-        assert self.compression is not None
-        snapshot = self._silenced(pl_module)
-        flops = []
-        for candidate in [(1.0, 1), *self.candidates]:
-            self.compression.set(*candidate)
-            with flop_counter() as counter:
-                output = pl_module.training_step(self._batches[0], 0)
-                (output["loss"] if isinstance(output, dict) else output).backward()
-            flops.append(float(counter.get_total_flops()))
-            for parameter in pl_module.parameters():
-                parameter.grad = None
-            self._restore(pl_module, snapshot)
-        self._restore(pl_module, snapshot, done=True)
-        self.relative_costs = [f / flops[0] for f in flops[1:]]
-        cost_model = self.compression.cost_model
-        self.vit_relative_costs = [cost_model.relative_cost(k, s, self.patch_mode) for k, s in self.candidates]
-
-    def _measure(self, trainer: Trainer, pl_module: LightningModule, point: float) -> None:
-        start = time.process_time()
-        was_training = pl_module.training
-        pl_module.train()
-        snapshot = self._silenced(pl_module)
-        try:
+    def measure(self, batches: Sequence[Any], alive: Sequence[int], round_seed: int) -> list[dict[str, float] | None]:
+        """`gradient_error_stats` of the candidates numbered in ``alive`` (``None`` for the others)
+        against the full sequence on ``batches``; the module's state and the global RNG are as before."""
+        rng_seeds = [self.seed * 100_000 + round_seed * 100 + index for index in range(len(batches))]
+        stats: list[dict[str, float] | None] = [None] * len(self.candidates)
+        with preserved_state(self.module) as restore, logging_discarded(self.module):
+            self.module.train()
             full = []
-            rng_seeds = [self.seed * 1000 + len(self.measurements) * 100 + index for index in range(len(self._batches))]
-            for batch, rng_seed in zip(self._batches, rng_seeds):
-                full.append(self._gradient(pl_module, batch, (1.0, 1), rng_seed, 0))
-                self._restore(pl_module, snapshot)
+            for batch, rng_seed in zip(batches, rng_seeds):
+                full.append(self._gradient(batch, FULL, rng_seed, 0))
+                restore()
             full_grads = torch.stack(full)
-            stats = []
-            for number, candidate in enumerate(self.candidates):
-                if candidate == (1.0, 1):
-                    stats.append(gradient_error_stats(full_grads, full_grads))
+            for number in alive:
+                if self.candidates[number] == FULL:
+                    stats[number] = gradient_error_stats(full_grads, full_grads)
                     continue
                 grads = []
-                for batch, rng_seed in zip(self._batches, rng_seeds):
-                    grads.append(self._gradient(pl_module, batch, candidate, rng_seed, rng_seed * 100 + number))
-                    self._restore(pl_module, snapshot)
-                stats.append(gradient_error_stats(full_grads, torch.stack(grads)))
+                for batch, rng_seed in zip(batches, rng_seeds):
+                    grads.append(self._gradient(batch, self.candidates[number], rng_seed, rng_seed * 100 + number + 1))
+                    restore()
+                stats[number] = gradient_error_stats(full_grads, torch.stack(grads))
+            self.compression.set(*FULL)
+        return stats
+
+
+def _fixed_batches(trainer: Trainer, count: int, seed: int) -> list[Any]:
+    """The first ``count`` batches of the run's training data (augmentations drawn from ``seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        iterator = iter(trainer.train_dataloader)
+        batches = []
+        for _ in range(count):
+            try:
+                batches.append(trainer.strategy.batch_to_device(next(iterator)))
+            except StopIteration:
+                break
+    if len(batches) < 2:
+        raise StackError("needs at least 2 training batches to measure gradient noise", source=SOURCE,
+                         key="--batches", value=count, fix="give --batches 2 or more, with enough data for them")
+    return batches
+
+
+class _MeasureAtStart(Callback):
+    """Runs `GradientProbe` on every checkpoint at the start of a fit, then stops it before any step:
+    the fit only provides what the module's ``training_step`` expects (trainer, strategy, data)."""
+
+    def __init__(self, checkpoints: Sequence[tuple[float, int, str]], total_steps: int | None,
+                 candidates: Sequence[tuple[float, int]], batches: int, options: dict[str, Any], drop: bool) -> None:
+        self.checkpoints, self.total_steps, self.candidates = list(checkpoints), total_steps, list(candidates)
+        self.batches, self.options, self.drop = batches, options, drop
+        self.result: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.should_stop = True
+        if self.total_steps is not None and self.total_steps != _total_steps(trainer):
+            raise StackError(f"were written by a run of {self.total_steps} optimizer steps, but this config's run has "
+                             f"{_total_steps(trainer)}", source=SOURCE, key="--checkpoints", value=self.options["dir"],
+                             fix="pass the config and overrides (e.g. --trainer.max_epochs) of the run that wrote them")
+        probe = GradientProbe(pl_module, self.candidates, patch_mode=self.options["patch_mode"],
+                              vit_path=self.options["vit_path"], seed=self.options["seed"])
+        try:
+            batches = _fixed_batches(trainer, self.batches, self.options["seed"])
+            start = time.process_time()
+            costs = probe.costs(batches[0])
+            self.result = {"relative_costs": costs, "cost_cpu_seconds": time.process_time() - start,
+                           "batches": len(batches), "stats": []}
+            alive = list(range(len(self.candidates)))
+            protected = [self.candidates.index(FULL)]
+            for number, (_, step, path) in enumerate(self.checkpoints):
+                pl_module.load_state_dict(torch.load(path, map_location=pl_module.device, weights_only=True)["state_dict"])
+                with at_global_step(trainer, step):
+                    stats = probe.measure(batches, alive, number)
+                self.result["stats"].append(stats)
+                if self.drop:
+                    gone = dominated_candidates(stats, costs, protected)
+                    alive = [c for c in alive if c not in gone]
+                rank_zero_info(f"search_schedule: measured {len(stats) - stats.count(None)} candidates at step {step}")
         finally:
-            self._restore(pl_module, snapshot, done=True)
-            pl_module.train(was_training)
-        self.measurements.append({"progress": point, "step": trainer.global_step, "stats": stats})
-        self.measure_seconds += time.process_time() - start
-        rank_zero_info(f"search_schedule: measured {len(self.candidates)} candidates at {point:.0%} of training "
-                       f"(step {trainer.global_step})")
+            probe.close()
+
+
+def measure_checkpoints(
+    model: LightningModule, datamodule: Any, settings: dict[str, Any], checkpoints: Sequence[tuple[float, int, str]],
+    candidates: Sequence[tuple[float, int]], *, batches: int = 3, total_steps: int | None = None,
+    patch_mode: str = "flexi", vit_path: str | None = None, seed: int = 0, drop_dominated: bool = True,
+) -> dict[str, Any]:
+    """Per checkpoint, the `gradient_error_stats` of every candidate still measured (``stats``: rows
+    per checkpoint, ``None`` where dropped), the candidates' ``relative_costs`` and the CPU seconds.
+
+    The module runs inside a fit of the config's length that stops before its first step, so
+    ``total_steps`` (the run that wrote the checkpoints) must match it."""
+    options = {"patch_mode": patch_mode, "vit_path": vit_path, "seed": seed,
+               "dir": os.path.dirname(checkpoints[0][2]) if checkpoints else None}
+    measuring = _MeasureAtStart(checkpoints, total_steps, candidates, batches, options, drop_dominated)
+    trainer = _trainer(settings, [measuring])
+    start = time.process_time()
+    trainer.fit(model, datamodule)
+    return {**measuring.result, "cpu_seconds": time.process_time() - start}
+
+
+def _trainer(settings: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+    """A quiet one-device Trainer of the config's length and step settings, without validation."""
+    length = ({"max_steps": settings["max_steps"]} if settings["max_steps"] and settings["max_steps"] > 0
+              else {"max_epochs": settings["max_epochs"]})
+    return Trainer(
+        accelerator=settings["accelerator"], devices=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
+        limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+        gradient_clip_val=settings["gradient_clip_val"], accumulate_grad_batches=settings["accumulate_grad_batches"],
+        limit_train_batches=settings["limit_train_batches"],
+        **({"precision": settings["precision"]} if settings["precision"] else {}), **length,
+    )
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -257,116 +430,141 @@ def _load(config_path: str, overrides: Sequence[str]) -> tuple[LightningModule, 
     return cli.model, cli.datamodule, settings
 
 
-def search_schedule(
-    config: str,
-    budget: float,
-    out: str,
-    *,
-    calibration_fraction: float = 0.25,
-    points: Sequence[float] = DEFAULT_POINTS,
-    keep_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
-    patch_scales: Sequence[int] = (1, 2),
-    batches: int = 6,
-    patch_mode: str = "flexi",
-    vit_path: str | None = None,
-    seed: int = 0,
-    overrides: Sequence[str] = (),
-    plot: bool = True,
-) -> dict[str, Any]:
-    """Run the search (module docstring) and write ``out`` (YAML) and ``<out stem>.png``; returns the
-    file's content."""
-    require_number(budget, "--budget", source=SOURCE, low=0.0, low_inclusive=False,
-                   fix="give the compute budget as a fraction of the full-sequence run, e.g. 0.3")
-    require_number(calibration_fraction, "--calibration-fraction", source=SOURCE, low=0.0, high=1.0,
-                   low_inclusive=False)
-    points = sorted({float(p) for p in points})
-    if points[0] != 0.0 or points[-1] != 1.0 or len(points) < 2:
-        raise StackError("must run from 0 to 1", source=SOURCE, key="--points", value=points,
-                         fix="give increasing fractions starting at 0 and ending at 1, e.g. 0,0.05,0.2,0.5,1")
-    if patch_mode not in PATCH_MODES:
-        raise StackError("is not a patch scaling mode", source=SOURCE, key="--patch-mode", value=patch_mode,
-                         fix=f"use one of {list(PATCH_MODES)}")
+
+def make_candidates(model: LightningModule, datamodule: Any, keep_ratios: Sequence[float], patch_scales: Sequence[int],
+                    vit_path: str | None = None) -> list[tuple[float, int]]:
+    """``keep_ratios x patch_scales`` (checked against the model's ViT and the data's image sizes before
+    anything runs), the full sequence first."""
     for keep in keep_ratios:
         check_keep_ratio(keep, "--keep-ratios", source=SOURCE)
-    if os.path.exists(out):
-        raise StackError("already exists; the search never overwrites a schedule", source=SOURCE, key="--out",
-                         value=out, fix="give a new file name or move the old file away")
-    model, datamodule, settings = _load(config, overrides)
     _, vit = select_vit(model, vit_path, source=SOURCE)
     image_sizes = getattr(datamodule, "view_sizes", None) or (
         [tuple(datamodule.image_shape[-2:])] if getattr(datamodule, "image_shape", None) else [])
     patch_size = ViTCostModel.from_vit(vit).patch_size
     for scale in patch_scales:
         check_patch_scale(scale, image_sizes, patch_size, "--patch-scales", source=SOURCE)
-    candidates = [(float(k), int(s)) for s in sorted(set(patch_scales)) for k in sorted(set(keep_ratios), reverse=True)]
-    if (1.0, 1) not in candidates:
-        candidates.insert(0, (1.0, 1))
+    grid = [(float(k), int(s)) for s in sorted(set(patch_scales)) for k in sorted(set(keep_ratios), reverse=True)]
+    return [FULL, *[c for c in grid if c != FULL]]
 
-    probe = GradientProbe(points, candidates, batches=batches, patch_mode=patch_mode, vit_path=vit_path, seed=seed)
-    length: dict[str, Any] = {}
-    if settings["max_steps"] and settings["max_steps"] > 0:
-        length["max_steps"] = max(2, int(round(settings["max_steps"] * calibration_fraction)))
-    else:
-        epochs = settings["max_epochs"] if settings["max_epochs"] and settings["max_epochs"] > 0 else 1
-        length["max_epochs"] = max(1, int(round(epochs * calibration_fraction)))
-    trainer = Trainer(
-        accelerator=settings["accelerator"], devices=1, callbacks=[probe], logger=False, enable_checkpointing=False,
-        limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
-        gradient_clip_val=settings["gradient_clip_val"], accumulate_grad_batches=settings["accumulate_grad_batches"],
-        limit_train_batches=settings["limit_train_batches"],
-        **({"precision": settings["precision"]} if settings["precision"] else {}), **length,
-    )
+
+def _check_arguments(budget: float | None, out: str, batches: int, patch_mode: str, checkpoints: str | None) -> None:
+    """Everything that can be refused before a model is built."""
+    if budget is not None:
+        require_number(budget, "--budget", source=SOURCE, low=0.0, low_inclusive=False,
+                       fix="give the mean relative step cost over training, e.g. 0.4, or leave it out")
+    require_number(batches, "--batches", source=SOURCE, low=2, integer=True,
+                   fix="give at least 2 measurement batches (3 or 4 is enough)")
+    if patch_mode not in PATCH_MODES:
+        raise StackError("is not a patch scaling mode", source=SOURCE, key="--patch-mode", value=patch_mode,
+                         fix=f"use one of {list(PATCH_MODES)}")
+    if os.path.exists(out):
+        raise StackError("already exists; the search never overwrites a schedule", source=SOURCE, key="--out",
+                         value=out, fix="give a new file name or move the old file away")
+    if checkpoints is not None:
+        _read_index(checkpoints)
+
+
+def _train_with_checkpoints(model: LightningModule, datamodule: Any, settings: dict[str, Any],
+                            points: Sequence[float], dirpath: str) -> float:
+    """The config's full-sequence run with `ProgressCheckpoints` into ``dirpath``; its CPU seconds.
+    Only when no checkpoints were given: then this training is part of the search's cost."""
     start = time.process_time()
-    trainer.fit(model, datamodule)
-    total_seconds = time.process_time() - start
+    _trainer(settings, [ProgressCheckpoints(points, dirpath)]).fit(model, datamodule)
+    return time.process_time() - start
 
-    progress = [m["progress"] for m in probe.measurements]
-    errors = [[cost_adjusted_error(s, cost) for s, cost in zip(m["stats"], probe.relative_costs)]
-              for m in probe.measurements]
-    phases, mean_cost = choose_phases(progress, errors, probe.relative_costs, candidates, budget)
+
+def search_schedule(
+    config: str,
+    budget: float | None,
+    out: str,
+    *,
+    checkpoints: str | None = None,
+    points: Sequence[float] = DEFAULT_POINTS,
+    keep_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+    patch_scales: Sequence[int] = (1, 2),
+    batches: int = 3,
+    patch_mode: str = "flexi",
+    vit_path: str | None = None,
+    seed: int = 0,
+    drop_dominated: bool = True,
+    overrides: Sequence[str] = (),
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Measure on ``checkpoints`` (a `ProgressCheckpoints` folder of a run of this config; without it,
+    train that run here into ``<out stem>.checkpoints/``), choose, and write ``out`` (YAML) and
+    ``<out stem>.png``. Returns the file's content; ``content["search"]`` holds the CPU seconds."""
+    start = time.process_time()
+    _check_arguments(budget, out, batches, patch_mode, checkpoints)
+    points = _check_points(points)
+    model, datamodule, settings = _load(config, overrides)
+    candidates = make_candidates(model, datamodule, keep_ratios, patch_scales, vit_path)
+    training_seconds = None
+    if checkpoints is None:
+        checkpoints = os.path.splitext(out)[0] + ".checkpoints"
+        training_seconds = _train_with_checkpoints(model, datamodule, settings, points, checkpoints)
+    index = _read_index(checkpoints)
+    found = load_progress_checkpoints(checkpoints)
+    measured = measure_checkpoints(model, datamodule, settings, found, candidates, batches=batches,
+                                   total_steps=index.get("total_steps"), patch_mode=patch_mode, vit_path=vit_path,
+                                   seed=seed, drop_dominated=drop_dominated)
+    errors = [[None if s is None else cost_adjusted_error(s, c) for s, c in zip(row, measured["relative_costs"])]
+              for row in measured["stats"]]
+    phases, mean_cost = choose_phases([p for p, _, _ in found], errors, measured["relative_costs"], candidates, budget)
     schedule = AccelerationSchedule(phases=phases, source=SOURCE)
+    total = time.process_time() - start
+    search_seconds = total - (training_seconds or 0.0)
+    cost = {"checkpoints": checkpoints, "trained_here": training_seconds is not None,
+            "batches": measured["batches"], "cpu_seconds": round(search_seconds, 2),
+            "cpu_seconds_measuring": round(measured["cpu_seconds"], 2),
+            "cpu_seconds_costs": round(measured["cost_cpu_seconds"], 2),
+            "cpu_seconds_training_here": None if training_seconds is None else round(training_seconds, 2),
+            "baseline_training_cpu_seconds": index.get("cpu_seconds"),
+            "cost_ratio": round(search_seconds / index["cpu_seconds"], 4) if index.get("cpu_seconds") else None}
+    content = {"patch_mode": patch_mode, "budget": None if budget is None else float(budget),
+               "expected_cost": round(float(mean_cost), 4), "config": config, "search": cost,
+               "measurements": _measurement_tables(found, candidates, measured, errors)}
+    _write(out, schedule, content, plot)
+    return content
 
-    def table(key: str) -> list[list[float]]:
-        return [[round(float(s[key]), 6) for s in m["stats"]] for m in probe.measurements]
 
-    content = {
-        "patch_mode": patch_mode,
-        "budget": float(budget),
-        "expected_cost": round(float(mean_cost), 4),
-        "config": config,
-        "calibration": {
-            **length, "training_steps": int(trainer.global_step), "batches_measured": len(probe._batches),
-            "cpu_seconds_total": round(total_seconds, 1), "cpu_seconds_measuring": round(probe.measure_seconds, 1),
-        },
-        "measurements": {
-            "progress": progress,
-            "steps": [m["step"] for m in probe.measurements],
-            "candidates": [{"keep_ratio": k, "patch_scale": s, "relative_cost": round(c, 4),
-                            "vit_relative_cost": round(v, 4)}
-                           for (k, s), c, v in zip(candidates, probe.relative_costs, probe.vit_relative_costs)],
-            "cost_adjusted_error": [[round(e, 6) for e in row] for row in errors],
-            "one_minus_cosine": table("one_minus_cosine"),
-            "relative_l2": table("relative_l2"),
-            "bias2": table("bias2"),
-            "variance": table("variance"),
-            "full_variance": [round(float(m["stats"][0]["full_variance"]), 6) for m in probe.measurements],
-        },
+def _measurement_tables(found: Sequence[tuple[float, int, str]], candidates: Sequence[tuple[float, int]],
+                        measured: dict[str, Any], errors: list[list[float | None]]) -> dict[str, Any]:
+    """Rows per checkpoint, columns per candidate (``None``: dropped as dominated before that point)."""
+    def table(key: str) -> list[list[float | None]]:
+        return [[None if s is None else round(float(s[key]), 6) for s in row] for row in measured["stats"]]
+
+    return {
+        "progress": [round(p, 6) for p, _, _ in found],
+        "steps": [step for _, step, _ in found],
+        "candidates": [{"keep_ratio": k, "patch_scale": s, "relative_cost": round(c, 4)}
+                       for (k, s), c in zip(candidates, measured["relative_costs"])],
+        "cost_adjusted_error": [[None if e is None else round(e, 6) for e in row] for row in errors],
+        "bias2": table("bias2"),
+        "variance": table("variance"),
+        "one_minus_cosine": table("one_minus_cosine"),
+        "relative_l2": table("relative_l2"),
+        "full_variance": [round(float(row[0]["full_variance"]), 6) for row in measured["stats"]],
     }
+
+
+def _write(out: str, schedule: AccelerationSchedule, content: dict[str, Any], plot: bool) -> None:
+    """The schedule file (phases first, for `TokenDropout(schedule_file=...)`) and its plot."""
+    budget = "" if content["budget"] is None else f" --budget {content['budget']}"
     header = (
         "Acceleration schedule for stacktrain.callbacks.TokenDropout(schedule_file=...), written by\n"
-        f"python -m stacktrain.search_schedule --config {config} --budget {budget}\n"
+        f"python -m stacktrain.search_schedule --config {content['config']}{budget}\n"
         "phases: until `end` (fraction of training) keep `keep_ratio` of the patch tokens at `patch_scale`.\n"
         "expected_cost: mean training-step FLOPs over training relative to the full sequence.\n"
+        "search: where it measured and its own CPU seconds (cost_ratio: over the baseline training's).\n"
         "measurements: per checkpoint (rows) and candidate (columns); cost_adjusted_error =\n"
-        "(bias2 + relative_cost * variance) / full_variance, 1 for the full sequence."
+        "(bias2 + relative_cost * variance) / full_variance, 1 for the full sequence; null: dropped."
     )
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_schedule_file(out, schedule, header, **content)
     if plot:
         plot_search(os.path.splitext(out)[0] + ".png", content, schedule)
-    rank_zero_info(f"search_schedule: wrote {out}: {[p.as_dict() for p in phases]} (mean cost {mean_cost:.3f})")
-    return content
+    rank_zero_info(f"search_schedule: wrote {out}: {[p.as_dict() for p in schedule.phases]} "
+                   f"(mean cost {content['expected_cost']:.3f})")
 
 
 def plot_search(path: str, content: dict[str, Any], schedule: AccelerationSchedule) -> None:
@@ -388,6 +586,8 @@ def plot_search(path: str, content: dict[str, Any], schedule: AccelerationSchedu
         for c, candidate in enumerate(candidates):
             key = (candidate["keep_ratio"], candidate["patch_scale"])
             error = measured["cost_adjusted_error"][index][c]
+            if error is None:  # dropped as dominated at an earlier checkpoint
+                continue
             marker = "s" if candidate["patch_scale"] > 1 else "o"
             axis.scatter([costs[c]], [max(error, 1e-4)], marker=marker, s=40,
                          facecolors="#dd8452" if key in chosen else "none", edgecolors="#4c72b0")
@@ -404,7 +604,8 @@ def plot_search(path: str, content: dict[str, Any], schedule: AccelerationSchedu
     axis.step(grid, [schedule.at(min(t, 1 - 1e-9))[0] for t in grid], where="post", label="keep ratio")
     axis.step(grid, [1 / schedule.at(min(t, 1 - 1e-9))[1] for t in grid], where="post", label="1 / patch scale")
     axis.set_ylim(0, 1.05)
-    axis.set_title(f"schedule (mean cost {content['expected_cost']:.2f}, budget {content['budget']:g})", fontsize=8)
+    budget = "none" if content["budget"] is None else f"{content['budget']:g}"
+    axis.set_title(f"schedule (mean cost {content['expected_cost']:.2f}, budget {budget})", fontsize=8)
     axis.set_xlabel("fraction of training", fontsize=7)
     axis.legend(fontsize=6)
     for extra in axes[len(progress) + 1:]:
@@ -424,27 +625,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2],
     )
     parser.add_argument("--config", required=True, help="the LightningCLI config of the run to accelerate")
-    parser.add_argument("--budget", type=float, required=True,
-                        help="mean training-step cost over training, relative to the full sequence (e.g. 0.3)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="optional cap on the mean training-step cost over training, relative to the full "
+                             "sequence (e.g. 0.4); default: the paper's rule alone")
     parser.add_argument("--out", required=True, help="the schedule YAML to write (and <stem>.png)")
-    parser.add_argument("--calibration-fraction", type=float, default=0.25,
-                        help="length of the calibration run relative to the config's (default 0.25)")
+    parser.add_argument("--checkpoints", default=None,
+                        help="a folder written by ProgressCheckpoints during a run of this config (default: train "
+                             "that run here into <out stem>.checkpoints/)")
     parser.add_argument("--points", type=_floats, default=list(DEFAULT_POINTS),
-                        help="checkpoints as fractions of training, comma-separated (default %(default)s)")
+                        help="fractions of training to checkpoint at when training here (default %(default)s)")
     parser.add_argument("--keep-ratios", type=_floats, default=[1.0, 0.75, 0.5, 0.25])
     parser.add_argument("--patch-scales", type=lambda t: [int(v) for v in t.split(",") if v.strip()], default=[1, 2])
-    parser.add_argument("--batches", type=int, default=6, help="measurement batches per checkpoint")
+    parser.add_argument("--batches", type=int, default=3, help="measurement batches per checkpoint (default 3)")
     parser.add_argument("--patch-mode", default="flexi", choices=list(PATCH_MODES))
     parser.add_argument("--vit-path", default=None, help="attribute path of the ViT when the model has several")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-dominated", action="store_true",
+                        help="measure every candidate at every checkpoint (default: drop dominated ones)")
     parser.add_argument("--no-plot", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     try:
         return search_schedule(
-            args.config, args.budget, args.out, calibration_fraction=args.calibration_fraction, points=args.points,
+            args.config, args.budget, args.out, checkpoints=args.checkpoints, points=args.points,
             keep_ratios=args.keep_ratios, patch_scales=args.patch_scales, batches=args.batches,
-            patch_mode=args.patch_mode, vit_path=args.vit_path, seed=args.seed, overrides=overrides,
-            plot=not args.no_plot,
+            patch_mode=args.patch_mode, vit_path=args.vit_path, seed=args.seed,
+            drop_dominated=not args.keep_dominated, overrides=overrides, plot=not args.no_plot,
         )
     except StackError as error:
         if os.environ.get("STACKTRAIN_TRACEBACK"):
