@@ -87,6 +87,8 @@ def test_gradient_error_stats_separate_bias_from_variance():
     assert stats["full_variance"] == pytest.approx(size * 0.25 / reference, rel=0.1)
     assert stats["variance"] == pytest.approx(size * (0.25 + 0.09) / reference, rel=0.1)
     same = gradient_error_stats(full, full)
+    # the noise floor of bias2: g_c - g_f varies by the mask noise alone, 0.09 per coordinate, over B batches
+    assert stats["bias2_noise"] == pytest.approx(size * 0.09 / batches / reference, rel=0.15)
     assert same["bias2"] == 0 and same["one_minus_cosine"] == pytest.approx(0, abs=1e-12) and same["relative_l2"] == 0
     # (bias^2 + cost x variance) / full variance, from the known parts: (5 + 0.5 * 50 * 0.34) / (50 * 0.25)
     assert cost_adjusted_error(stats, 0.5) == pytest.approx((5.0 + 0.5 * size * 0.34) / (size * 0.25), rel=0.1)
@@ -146,22 +148,24 @@ def test_choose_phases_skips_candidates_not_measured_and_checks_its_input():
         choose_phases(CHECKPOINTS, EARLY_COMPRESSION, COSTS, [(0.75, 1), (0.5, 1), (0.25, 1)])
 
 
-def test_dominated_candidates_need_to_lose_on_cost_bias_and_variance():
-    def stats(bias2, variance):
-        return {"bias2": bias2, "variance": variance}
+def test_dominated_candidates_need_to_lose_on_cost_variance_and_clearly_on_bias():
+    def stats(bias2, variance, noise=0.05):
+        return {"bias2": bias2, "variance": variance, "bias2_noise": noise}
 
     table = [
-        stats(0.0, 1.0),   # 0: full sequence, cost 1: protected
-        stats(0.2, 1.2),   # 1: cost 0.5
-        stats(0.3, 1.3),   # 2: cost 0.6, worse than 1 on all three counts: dropped
-        stats(0.5, 1.1),   # 3: cost 0.25, cheaper than 1 but more biased: kept
-        stats(0.5, 1.1),   # 4: the same as 3: ties drop neither
-        None,              # 5: not measured
-        stats(0.0, 0.9),   # 6: cost 0.9, beats the full sequence, which stays
-        stats(0.2, 1.0),   # 7: cost 0.6, less variance than 1 but dearer: kept
+        stats(0.0, 1.0),             # 0: full sequence, cost 1: protected
+        stats(0.2, 1.2),             # 1: cost 0.5
+        stats(0.4, 1.3),             # 2: cost 0.6, bias 0.2 above 1's with noise 0.1: dropped
+        stats(0.28, 1.3),            # 3: cost 0.6, bias 0.08 above 1's: within the noise, kept
+        stats(0.6, 1.1),             # 4: cost 0.25, cheaper than 1 but more biased: kept
+        None,                        # 5: not measured
+        stats(0.5, 1.25, noise=0.4), # 6: cost 0.7, bias 0.3 above 1's but its own noise is 0.4: kept
+        stats(0.45, 1.0),            # 7: cost 0.6, more biased than 1 but less variance: kept
     ]
-    costs = [1.0, 0.5, 0.6, 0.25, 0.25, 0.1, 0.9, 0.6]
+    costs = [1.0, 0.5, 0.6, 0.6, 0.25, 0.1, 0.7, 0.6]
     assert dominated_candidates(table, costs, protected=[0]) == {2}
-    assert 0 in dominated_candidates(table, costs)
+    # unprotected, the full sequence loses to a candidate no dearer, no noisier and clearly less biased
+    full_last = [stats(0.3, 1.0), stats(0.0, 0.9)]
+    assert dominated_candidates(full_last, [1.0, 0.9]) == {0} and not dominated_candidates(full_last, [1.0, 0.9], [0])
 
 

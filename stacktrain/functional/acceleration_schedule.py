@@ -239,6 +239,8 @@ def gradient_error_stats(full: torch.Tensor, compressed: torch.Tensor) -> dict[s
       ``|g_c - g_f| / |g_f|``, averaged over batches;
     - ``bias2``: ``|E[g_c - g_f]|^2``, the systematic error that averaging more steps does not remove
       (an unbiased estimate: the noise of the sample mean is subtracted, floored at 0);
+    - ``bias2_noise``: that subtracted noise, ``tr Cov(g_c - g_f) / B``: bias differences smaller than
+      it are not resolved by these batches;
     - ``variance``: ``E|g_c - E g_c|^2`` over batches and masks, the noise of one compressed estimate;
     - ``full_variance``: the same for the full sequence (the ordinary batch-to-batch noise of SGD).
     """
@@ -260,6 +262,7 @@ def gradient_error_stats(full: torch.Tensor, compressed: torch.Tensor) -> dict[s
         "one_minus_cosine": float((1 - cosine).mean()),
         "relative_l2": float(relative_l2.mean()),
         "bias2": float(bias2 / reference),
+        "bias2_noise": float(difference_noise / batches / reference),
         "variance": float(variance / reference),
         "full_variance": float(full_variance / reference),
     }
@@ -282,28 +285,29 @@ def dominated_candidates(
     costs: Sequence[float],
     protected: Sequence[int] = (),
 ) -> set[int]:
-    """Indices of candidates that another measured candidate beats on every count at one checkpoint.
+    """Indices of candidates that another measured candidate beats, beyond measurement noise, at one
+    checkpoint: not worth measuring at later checkpoints.
 
-    ``B`` dominates ``A`` when it costs no more and has no more squared bias *and* no more variance,
-    and is strictly better in one of the three. Comparing bias and variance separately (not only
-    their cost-adjusted sum) keeps the verdict valid for any weight between them: over training the
-    bias of a compression grows relative to the noise, and a candidate ahead on both stays ahead
-    however that weight shifts. Cheaper also means ``B`` allows every later, lighter compression
-    that ``A`` would, so dropping ``A`` never removes a schedule the choice could need. Candidates
-    with ``None`` stats (not measured) neither dominate nor are dropped; ``protected`` (the full
-    sequence) are never dropped.
+    ``B`` dominates ``A`` when ``B`` costs no more, has no more variance, and has *clearly* less squared
+    bias: ``bias2_A - bias2_B`` exceeds both estimates' noise (``bias2_noise``), so that a bias that
+    a few batches cannot resolve (early in training both are often floored at 0) drops nothing.
+    Comparing bias and variance separately, not only their cost-adjusted sum, keeps the verdict
+    valid whatever weight training later puts on each; and a cheaper ``B`` allows every later,
+    lighter compression that ``A`` would, so the monotone choice loses no schedule it could need.
+    ``None`` stats (not measured) neither dominate nor are dropped; ``protected`` (the full sequence)
+    are never dropped.
     """
     measured = [i for i, s in enumerate(stats) if s is not None]
     dropped: set[int] = set()
     for a in measured:
-        if a in protected:
-            continue
+        sa = stats[a]
+        assert sa is not None
         for b in measured:
-            sa, sb = stats[a], stats[b]
-            assert sa is not None and sb is not None
-            no_worse = costs[b] <= costs[a] and sb["bias2"] <= sa["bias2"] and sb["variance"] <= sa["variance"]
-            better = costs[b] < costs[a] or sb["bias2"] < sa["bias2"] or sb["variance"] < sa["variance"]
-            if b != a and no_worse and better:
+            sb = stats[b]
+            assert sb is not None
+            clearly_less_biased = sa["bias2"] - sb["bias2"] > sa.get("bias2_noise", 0.0) + sb.get("bias2_noise", 0.0)
+            if (a not in protected and b != a and costs[b] <= costs[a] and sb["variance"] <= sa["variance"]
+                    and clearly_less_biased):
                 dropped.add(a)
                 break
     return dropped
