@@ -158,7 +158,8 @@ class ProgressCheckpoints(Callback):
     def _write_index(self, complete: bool, **extra: Any) -> None:
         content = {"total_steps": self._total, "complete": complete, **extra, "checkpoints": self.entries}
         with open(os.path.join(self.dirpath, INDEX), "w", encoding="utf-8") as handle:
-            handle.write("# written by stacktrain.search_schedule.ProgressCheckpoints; read by load_progress_checkpoints\n")
+            handle.write("# written by stacktrain.search_schedule.ProgressCheckpoints, "
+                         "read by load_progress_checkpoints\n")
             yaml.safe_dump(content, handle, sort_keys=False)
 
 
@@ -225,7 +226,8 @@ def preserved_state(pl_module: LightningModule) -> Iterator[Callable[[], None]]:
     def restore() -> None:
         pl_module.load_state_dict(snapshot)
 
-    with torch.random.fork_rng(devices=[]):
+    device = pl_module.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             yield restore
         finally:
@@ -355,7 +357,8 @@ class _MeasureAtStart(Callback):
             alive = list(range(len(self.candidates)))
             protected = [self.candidates.index(FULL)]
             for number, (_, step, path) in enumerate(self.checkpoints):
-                pl_module.load_state_dict(torch.load(path, map_location=pl_module.device, weights_only=True)["state_dict"])
+                saved = torch.load(path, map_location=pl_module.device, weights_only=True)
+                pl_module.load_state_dict(saved["state_dict"])
                 with at_global_step(trainer, step):
                     stats = probe.measure(batches, alive, number)
                 self.result["stats"].append(stats)
@@ -511,20 +514,27 @@ def search_schedule(
               for row in measured["stats"]]
     phases, mean_cost = choose_phases([p for p, _, _ in found], errors, measured["relative_costs"], candidates, budget)
     schedule = AccelerationSchedule(phases=phases, source=SOURCE)
-    total = time.process_time() - start
-    search_seconds = total - (training_seconds or 0.0)
-    cost = {"checkpoints": checkpoints, "trained_here": training_seconds is not None,
+    search_seconds = time.process_time() - start - (training_seconds or 0.0)
+    content = {"patch_mode": patch_mode, "budget": None if budget is None else float(budget),
+               "expected_cost": round(float(mean_cost), 4), "config": config,
+               "search": _search_cost(checkpoints, index, measured, search_seconds, training_seconds),
+               "measurements": _measurement_tables(found, candidates, measured, errors)}
+    _write(out, schedule, content, plot)
+    return content
+
+
+def _search_cost(checkpoints: str, index: dict[str, Any], measured: dict[str, Any], search_seconds: float,
+                 training_seconds: float | None) -> dict[str, Any]:
+    """Where the search measured and what it cost: its own CPU seconds (everything but a training it
+    did itself) over the CPU seconds of the training that wrote the checkpoints, when the index has it."""
+    baseline = index.get("cpu_seconds")
+    return {"checkpoints": checkpoints, "trained_here": training_seconds is not None,
             "batches": measured["batches"], "cpu_seconds": round(search_seconds, 2),
             "cpu_seconds_measuring": round(measured["cpu_seconds"], 2),
             "cpu_seconds_costs": round(measured["cost_cpu_seconds"], 2),
             "cpu_seconds_training_here": None if training_seconds is None else round(training_seconds, 2),
-            "baseline_training_cpu_seconds": index.get("cpu_seconds"),
-            "cost_ratio": round(search_seconds / index["cpu_seconds"], 4) if index.get("cpu_seconds") else None}
-    content = {"patch_mode": patch_mode, "budget": None if budget is None else float(budget),
-               "expected_cost": round(float(mean_cost), 4), "config": config, "search": cost,
-               "measurements": _measurement_tables(found, candidates, measured, errors)}
-    _write(out, schedule, content, plot)
-    return content
+            "baseline_training_cpu_seconds": None if baseline is None else round(float(baseline), 2),
+            "cost_ratio": round(search_seconds / baseline, 4) if baseline else None}
 
 
 def _measurement_tables(found: Sequence[tuple[float, int, str]], candidates: Sequence[tuple[float, int]],
