@@ -123,17 +123,17 @@ class ProgressCheckpoints(Callback):
         self._pending: list[tuple[float, int]] = []
         self._total = 0
         self._cpu_start = 0.0
+        self._cpu_before = 0.0  # CPU seconds of the run before a resume
+        self._resumed = False
 
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and os.path.exists(os.path.join(self.dirpath, INDEX)):
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.is_global_zero and not self._resumed and os.path.exists(os.path.join(self.dirpath, INDEX)):
             raise StackError("already holds progress checkpoints; they are never overwritten",
                              source="ProgressCheckpoints", key="dirpath", value=self.dirpath,
                              fix="give a new folder or move the old one away")
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._total = _total_steps(trainer)
-        self._pending = [(p, _first_step_at(p, self._total)) for p in self.points]
-        self.entries = []
+        done = {entry["point"] for entry in self.entries}
+        self._pending = [(p, _first_step_at(p, self._total)) for p in self.points if p not in done]
         self._cpu_start = time.process_time()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -152,8 +152,19 @@ class ProgressCheckpoints(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero and self.entries:
-            self._write_index(complete=True, cpu_seconds=time.process_time() - self._cpu_start,
-                              steps=trainer.global_step)
+            self._write_index(complete=True, cpu_seconds=self._cpu_seconds(), steps=trainer.global_step)
+
+    def _cpu_seconds(self) -> float:
+        return self._cpu_before + time.process_time() - self._cpu_start
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on writing the same index (stop-and-resume safe)."""
+        return {"entries": [dict(e) for e in self.entries], "cpu_seconds": self._cpu_seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.entries = [dict(e) for e in state_dict["entries"]]
+        self._cpu_before = float(state_dict["cpu_seconds"])
+        self._resumed = True
 
     def _write_index(self, complete: bool, **extra: Any) -> None:
         content = {"total_steps": self._total, "complete": complete, **extra, "checkpoints": self.entries}

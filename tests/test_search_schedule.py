@@ -87,6 +87,29 @@ def test_progress_checkpoints_at_the_first_step_at_or_after_each_point_and_train
         ProgressCheckpoints((0.0, 0.5, 1.0), str(folder))
 
 
+class StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def test_progress_checkpoints_go_on_after_a_resume(tmp_path):
+    folder, points = tmp_path / "ckpt", (0.0, 0.1, 0.25, 0.5)
+    first = make_trainer(tmp_path, [ProgressCheckpoints(points, str(folder)), StopAt(4)], max_steps=12,
+                         limit_val_batches=0)
+    first.fit(tiny_dino(), views())
+    assert [step for _, step, _ in load_progress_checkpoints(str(folder))] == [0, 2, 3]
+    first.save_checkpoint(str(tmp_path / "stopped.ckpt"))
+    make_trainer(tmp_path, [ProgressCheckpoints(points, str(folder))], max_steps=12, limit_val_batches=0).fit(
+        tiny_dino(), views(), ckpt_path=str(tmp_path / "stopped.ckpt"))
+    assert [step for _, step, _ in load_progress_checkpoints(str(folder))] == [0, 2, 3, 6]
+    index = yaml.safe_load((folder / "progress_checkpoints.yaml").read_text())
+    assert index["complete"] and index["steps"] == 12
+
+
 class Probing(Callback):
     """Measures with a `GradientProbe` at the start of a fit (as the search does) and keeps what it saw."""
 
