@@ -149,10 +149,18 @@ def phase_costs(written: dict) -> list[float]:
     return [costs[(p["keep_ratio"], p["patch_scale"])] for p in written["phases"]]
 
 
-def test_search_trains_with_checkpoints_or_reuses_them_and_writes_a_monotone_schedule_ending_full(tmp_path):
-    out = tmp_path / "schedule.yaml"
-    args = ["--config", SIMCLR, "--out", str(out), "--keep-ratios", "1,0.5,0.25", "--patch-scales", "1,2", *SHORT]
-    content = main(args)
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory) -> tuple[dict, list[str], object]:
+    """One search through the CLI that trains its own run (12 steps) with checkpoints."""
+    folder = tmp_path_factory.mktemp("search")
+    args = ["--config", SIMCLR, "--out", str(folder / "schedule.yaml"), "--keep-ratios", "1,0.5,0.25",
+            "--patch-scales", "1,2", *SHORT]
+    return main(args), args, folder
+
+
+def test_search_trains_with_checkpoints_and_writes_a_monotone_schedule_ending_full(searched):
+    content, args, folder = searched
+    out = folder / "schedule.yaml"
     assert out.is_file() and out.with_suffix(".png").is_file()
     written = yaml.safe_load(out.read_text())
     assert written["budget"] is None and written["search"] == content["search"]
@@ -166,28 +174,34 @@ def test_search_trains_with_checkpoints_or_reuses_them_and_writes_a_monotone_sch
     phases = written["phases"]
     assert phases[-1] == {"end": 1.0, "keep_ratio": 1.0, "patch_scale": 1} and phases[-2]["end"] <= 0.75
     assert phase_costs(written) == sorted(phase_costs(written))  # compression never increases
+    assert written["expected_cost"] < 1.0  # this tiny run's early checkpoints favour compression
     search = written["search"]
     assert search["trained_here"] and search["cpu_seconds_training_here"] > 0 and search["batches"] == 3
     assert search["cost_ratio"] == pytest.approx(search["cpu_seconds"] / search["baseline_training_cpu_seconds"],
                                                  rel=1e-2)
     assert TokenDropout(schedule_file=str(out)).schedule.at(0.9) == (1.0, 1)
+    with pytest.raises(SystemExit):  # never overwrites
+        main(args)
 
-    again = search_schedule(SIMCLR, None, str(tmp_path / "again.yaml"), checkpoints=search["checkpoints"],
+
+def test_search_reuses_checkpoints_the_same_way_within_a_budget(searched, tmp_path):
+    content, _, _ = searched
+    checkpoints = content["search"]["checkpoints"]
+    again = search_schedule(SIMCLR, None, str(tmp_path / "again.yaml"), checkpoints=checkpoints,
                             keep_ratios=(1.0, 0.5, 0.25), overrides=SHORT, plot=False)
     assert not again["search"]["trained_here"] and again["search"]["cpu_seconds_training_here"] is None
     assert again["measurements"] == content["measurements"]  # the same checkpoints, batches and masks
-    assert again["search"]["cpu_seconds"] < search["cpu_seconds"] + search["cpu_seconds_training_here"]
+    assert again["search"]["baseline_training_cpu_seconds"] == content["search"]["baseline_training_cpu_seconds"]
 
     budget = 0.35  # the final quarter at full cost leaves 0.1 for three quarters of training
-    capped = search_schedule(SIMCLR, budget, str(tmp_path / "capped.yaml"), checkpoints=search["checkpoints"],
+    assert content["expected_cost"] > budget  # so the cap binds
+    capped = search_schedule(SIMCLR, budget, str(tmp_path / "capped.yaml"), checkpoints=checkpoints,
                              keep_ratios=(1.0, 0.5, 0.25), overrides=SHORT, plot=False)
     capped_costs = phase_costs(yaml.safe_load((tmp_path / "capped.yaml").read_text()))
     assert capped["expected_cost"] <= budget and capped_costs == sorted(capped_costs)
     with pytest.raises(StackError, match="checkpoints=.*were written by a run of 12 optimizer steps.*has 18"):
-        search_schedule(SIMCLR, None, str(tmp_path / "longer.yaml"), checkpoints=search["checkpoints"],
+        search_schedule(SIMCLR, None, str(tmp_path / "longer.yaml"), checkpoints=checkpoints,
                         overrides=[*SHORT, "--trainer.max_epochs", "3"], plot=False)
-    with pytest.raises(SystemExit):  # never overwrites
-        main(args)
 
 
 def test_bad_arguments_are_refused_before_any_training(tmp_path):
