@@ -7,7 +7,9 @@ set, both given by the same data module. The objectives are in `stacktrain.funct
 
 EMA teachers / momentum encoders are deep copies made at construction and frozen, so a technique that
 looks for "the trainable ViT" (`stacktrain.callbacks.TokenDropout`) finds the student backbone and the
-teacher keeps seeing full sequences.
+teacher keeps seeing full sequences. Teachers are updated at the start of each training step, from
+the weights the previous optimizer step produced (the same sequence of updates as updating right
+after each optimizer step).
 
 Token dropout is asymmetric by default, as in the paper (Lin et al. 2024): ``token_dropout_views="one"``
 sends the first global view through the student backbone with token dropout and the second with all of
@@ -15,9 +17,7 @@ its tokens (`stacktrain.functional.token_drop.suspend_token_drop`); patch scalin
 two backbone calls' features are concatenated before the projector / head, so the heads (and their
 BatchNorm) see the same batch as with one call. ``"both"`` drops tokens of every view in one backbone
 call. With no token dropout in the backbone (no `TokenDropout`, or keep ratio 1) both settings make the
-same single call. Teachers are updated at the start of each training step, from
-the weights the previous optimizer step produced (the same sequence of updates as updating right
-after each optimizer step).
+same single call.
 """
 
 from __future__ import annotations
@@ -79,10 +79,11 @@ class ContrastiveLearner(LightningModule, abc.ABC):
             applies to all of them, and the cost report counts what ran (the dropped view at the keep
             ratio, the others at full length, all at the patch scale). ``"both"``: every global view
             dropped, in one backbone call. The dropped view is always view 0, not alternated: the
-            global views are drawn independently from one augmentation distribution and the losses are
-            symmetric in the two views, so which one is dropped makes no difference in expectation, and
-            a fixed choice keeps the two calls' shapes the same every step (no recompiles under
-            ``compile``) and needs no state for resume or DDP.
+            global views are drawn independently from one augmentation distribution
+            (`stacktrain.datamodules.MultiViewDataModule`) and the losses are symmetric in the views,
+            so which one is dropped makes no difference in expectation, and the fixed choice is the
+            simplest (nothing to derive from the step). A data module whose views came from different
+            augmentations (BYOL-style) would tie dropout to one of them: alternate the view then.
     """
 
     #: global (full-size) views the objective needs per image
