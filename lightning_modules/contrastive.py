@@ -10,6 +10,14 @@ looks for "the trainable ViT" (`stacktrain.callbacks.TokenDropout`) finds the st
 teacher keeps seeing full sequences. Teachers are updated at the start of each training step, from
 the weights the previous optimizer step produced (the same sequence of updates as updating right
 after each optimizer step).
+
+Token dropout is asymmetric by default, as in the paper (Lin et al. 2024): ``token_dropout_views="one"``
+sends the first global view through the student backbone with token dropout and the second with all of
+its tokens (`stacktrain.functional.token_drop.suspend_token_drop`); patch scaling applies to both. The
+two backbone calls' features are concatenated before the projector / head, so the heads (and their
+BatchNorm) see the same batch as with one call. ``"both"`` drops tokens of every view in one backbone
+call. With no token dropout in the backbone (no `TokenDropout`, or keep ratio 1) both settings make the
+same single call.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from stacktrain.errors import StackError, require_number
+from stacktrain.errors import StackError, require_choice, require_number
 from stacktrain.functional.contrastive import (
     DINOHead,
     bn_mlp,
@@ -36,12 +44,16 @@ from stacktrain.functional.contrastive import (
     moco_contrastive_loss,
     nt_xent_loss,
 )
+from stacktrain.functional.token_drop import drops_tokens, suspend_token_drop
 from stacktrain.lightning_modules.classifier import check_data_matches
 from stacktrain.models import create_timm_model
 from stacktrain.optim import configure_optimization, weight_decay_groups
 from stacktrain.stack import compile_for_stack
 
-__all__ = ["ContrastiveLearner", "SimCLR", "MoCoV3", "DINO"]
+__all__ = ["ContrastiveLearner", "SimCLR", "MoCoV3", "DINO", "TOKEN_DROPOUT_VIEWS"]
+
+#: choices of ``token_dropout_views``
+TOKEN_DROPOUT_VIEWS: tuple[str, ...] = ("one", "both")
 
 
 class ContrastiveLearner(LightningModule, abc.ABC):
@@ -61,6 +73,17 @@ class ContrastiveLearner(LightningModule, abc.ABC):
         compile: ``torch.compile`` the network (in place, in ``configure_model``, after the
             techniques' setup); a technique that cannot be compiled says so before the first batch.
         compile_options: keyword arguments of ``torch.compile`` (``backend``, ``mode``, ``dynamic``...).
+        token_dropout_views: which global views token dropout (`stacktrain.callbacks.TokenDropout`)
+            shortens. ``"one"`` (default, the paper's asymmetric dropout): the first view goes through the
+            backbone with dropout, the other(s) with every token, in a second backbone call; patch scaling
+            applies to all of them, and the cost report counts what ran (the dropped view at the keep
+            ratio, the others at full length, all at the patch scale). ``"both"``: every global view
+            dropped, in one backbone call. The dropped view is always view 0, not alternated: the
+            global views are drawn independently from one augmentation distribution
+            (`stacktrain.datamodules.MultiViewDataModule`) and the losses are symmetric in the views,
+            so which one is dropped makes no difference in expectation, and the fixed choice is the
+            simplest (nothing to derive from the step). A data module whose views came from different
+            augmentations (BYOL-style) would tie dropout to one of them: alternate the view then.
     """
 
     #: global (full-size) views the objective needs per image
@@ -80,9 +103,11 @@ class ContrastiveLearner(LightningModule, abc.ABC):
         scheduler_interval: Literal["step", "epoch"] = "step",
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
+        token_dropout_views: Literal["one", "both"] = "one",
     ) -> None:
         super().__init__()
         source = type(self).__name__
+        require_choice(token_dropout_views, "token_dropout_views", TOKEN_DROPOUT_VIEWS, source=source)
         require_number(num_classes, "num_classes", source=source, low=2, integer=True)
         require_number(knn_k, "knn_k", source=source, low=1, integer=True)
         require_number(knn_temperature, "knn_temperature", source=source, low=0.0, low_inclusive=False)
@@ -95,6 +120,7 @@ class ContrastiveLearner(LightningModule, abc.ABC):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
+        self.token_dropout_views = token_dropout_views
         self.knn_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.global_views = 2
         self._features: dict[str, list[torch.Tensor]] = {}
@@ -136,6 +162,18 @@ class ContrastiveLearner(LightningModule, abc.ABC):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features (what the k-NN evaluation and downstream tasks use)."""
         return self.backbone(images)
+
+    def encode_global_views(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Student backbone features of the global ``views``, concatenated in view order (the rows of
+        ``backbone(torch.cat(views))``). With ``token_dropout_views="one"`` and token dropout active,
+        view 0 goes through the backbone with dropout and the rest in a second call without it (patch
+        scaling on in both); otherwise one call."""
+        if self.token_dropout_views == "both" or len(views) < 2 or not drops_tokens(self.backbone):
+            return self.backbone(torch.cat(views))
+        dropped = self.backbone(views[0])
+        with suspend_token_drop(self.backbone):
+            full = self.backbone(torch.cat(views[1:]))
+        return torch.cat((dropped, full))
 
     @abc.abstractmethod
     def objective(self, views: list[torch.Tensor]) -> torch.Tensor:
@@ -224,6 +262,8 @@ def _accepts_any_size(backbone: nn.Module) -> bool:
 
 class SimCLR(ContrastiveLearner):
     """SimCLR (Chen et al. 2020): both views through the backbone and a BN-MLP projector, NT-Xent loss.
+    Under token dropout, by default view 0 is dropped and view 1 keeps its tokens
+    (``token_dropout_views``); the projector sees both views' features in one batch either way.
 
     Args:
         projection_dim: output size of the projector.
@@ -244,7 +284,7 @@ class SimCLR(ContrastiveLearner):
         self.gather_distributed = gather_distributed
 
     def objective(self, views: list[torch.Tensor]) -> torch.Tensor:
-        z1, z2 = self.projector(self.backbone(torch.cat(views[:2]))).chunk(2)
+        z1, z2 = self.projector(self.encode_global_views(views[:2])).chunk(2)
         if self.gather_distributed:
             z1_all, offset = self._gather(z1, sync_grads=True)
             z2_all, _ = self._gather(z2, sync_grads=True)
@@ -255,6 +295,8 @@ class SimCLR(ContrastiveLearner):
 class MoCoV3(ContrastiveLearner):
     """MoCo v3 (Chen, Xie, He 2021): a query encoder (backbone, projector, predictor) against a momentum
     encoder (EMA of backbone and projector), symmetric InfoNCE, keys of all ranks as negatives.
+    Under token dropout the query encoder's backbone takes view 0 dropped and view 1 full by default
+    (``token_dropout_views``); the momentum encoder sees both full sequences, as without token dropout.
 
     Args:
         projection_dim: output size of projector and predictor.
@@ -280,10 +322,9 @@ class MoCoV3(ContrastiveLearner):
         momentum = cosine_momentum(self.trainer.global_step, self.total_steps(), self.base_momentum)
         ema_update(self.momentum_backbone, self.backbone, momentum)
         ema_update(self.momentum_projector, self.projector, momentum)
-        images = torch.cat(views[:2])
-        q1, q2 = self.predictor(self.projector(self.backbone(images))).chunk(2)
+        q1, q2 = self.predictor(self.projector(self.encode_global_views(views[:2]))).chunk(2)
         with torch.no_grad():
-            k1, k2 = self.momentum_projector(self.momentum_backbone(images)).chunk(2)
+            k1, k2 = self.momentum_projector(self.momentum_backbone(torch.cat(views[:2]))).chunk(2)
         k1_all, offset = self._gather(k1)
         k2_all, _ = self._gather(k2)
         return (moco_contrastive_loss(q1, k2, self.temperature, k2_all, offset)
@@ -294,6 +335,12 @@ class DINO(ContrastiveLearner):
     """DINO (Caron et al. 2021): a student (backbone + DINO head) matches an EMA teacher's centred,
     sharpened outputs across views; multi-crop when the data module gives local views (the backbone
     then needs ``dynamic_img_size: true``).
+
+    Under token dropout with ``token_dropout_views="one"`` (default) the student's global view 0 is
+    dropped and the other global views and the local crops keep all of their tokens (patch scaling
+    applies to all): the local crops are already short sequences (a quarter of the tokens at half the
+    size), and the paper drops tokens of one view only. With ``"both"`` every student view, the local
+    crops included, is dropped. The EMA teacher sees full global views either way.
 
     Args:
         out_dim: prototypes of the head's last layer.
@@ -333,6 +380,14 @@ class DINO(ContrastiveLearner):
         self.base_momentum = base_momentum
         self.freeze_last_layer_steps = freeze_last_layer_steps
 
+    def _encode_local_views(self, local: list[torch.Tensor]) -> torch.Tensor:
+        """Student features of the local crops: with ``token_dropout_views="one"`` they keep every token
+        (patch scaling still applies), with ``"both"`` they are dropped like the global views."""
+        if self.token_dropout_views == "both":
+            return self.backbone(torch.cat(local))
+        with suspend_token_drop(self.backbone):
+            return self.backbone(torch.cat(local))
+
     def teacher_temperature_at(self, step: int) -> float:
         warmup = self.teacher_temperature_warmup * self.total_steps()
         if step >= warmup:
@@ -345,13 +400,12 @@ class DINO(ContrastiveLearner):
         ema_update(self.teacher_backbone, self.backbone, momentum)
         ema_update(self.teacher_head, self.head, momentum)
         n_global = self.global_views
-        global_images = torch.cat(views[:n_global])
         with torch.no_grad():
-            teacher = self.teacher_head(self.teacher_backbone(global_images)).chunk(n_global)
-        student = list(self.head(self.backbone(global_images)).chunk(n_global))
+            teacher = self.teacher_head(self.teacher_backbone(torch.cat(views[:n_global]))).chunk(n_global)
+        student = list(self.head(self.encode_global_views(views[:n_global])).chunk(n_global))
         local = views[n_global:]
         if local:
-            student += list(self.head(self.backbone(torch.cat(local))).chunk(len(local)))
+            student += list(self.head(self._encode_local_views(local)).chunk(len(local)))
         loss = dino_loss(student, teacher, self.center, self.student_temperature, self.teacher_temperature_at(step))
         self._update_center(torch.cat(teacher))
         return loss

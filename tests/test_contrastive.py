@@ -13,7 +13,7 @@ from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
 from conftest import TINY_VIT, make_trainer
-from stacktrain.callbacks import TokenDropout
+from stacktrain.callbacks import EfficiencyReport, TokenDropout
 from stacktrain.datamodules import DigitsDataModule, MultiViewDataModule
 from stacktrain.errors import StackError
 from stacktrain.functional.contrastive import (
@@ -24,7 +24,9 @@ from stacktrain.functional.contrastive import (
     moco_contrastive_loss,
     nt_xent_loss,
 )
+from stacktrain.functional.token_drop import ViTCostModel, install_sequence_compression
 from stacktrain.lightning_modules import DINO, MoCoV3, SimCLR
+from stacktrain.stack import FLOPS_PER_STEP, TOKENS_PER_SAMPLE
 
 VIT = TINY_VIT
 
@@ -146,3 +148,133 @@ def test_single_view_data_and_multi_crop_without_dynamic_size_are_refused_before
     with pytest.raises(StackError, match="the k-NN evaluation expects 7 classes but the data has 10.*num_classes: 10"):
         fit(knn, MultiViewDataModule(DigitsDataModule(batch_size=32)))
     assert knn.trainer.global_step == 0
+
+
+# --------------------------------------------------------------------------- asymmetric token dropout
+def make_method(method: str, views: str, **kwargs):
+    seed_everything(0)
+    common = dict(model_name="vit_tiny_patch16_224", in_chans=1, token_dropout_views=views, **kwargs)
+    if method == "simclr":
+        return SimCLR(model_kwargs=VIT, hidden_dim=32, projection_dim=16, **common)
+    if method == "mocov3":
+        return MoCoV3(model_kwargs=VIT, hidden_dim=32, projection_dim=16, **common)
+    return DINO(model_kwargs=dict(VIT, dynamic_img_size=True), out_dim=32, hidden_dim=32, bottleneck_dim=16, **common)
+
+
+class StubTrainer:
+    """What the objectives read from a Trainer: step, length, one process, a mean over one rank."""
+
+    global_step = 0
+    max_steps = 10
+    world_size = 1
+
+    class strategy:  # noqa: N801
+        @staticmethod
+        def reduce(tensor, reduce_op):
+            return tensor
+
+
+def views_of(method: str, batch: int = 4) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    views = [torch.randn(batch, 1, 16, 16, generator=generator) for _ in range(2)]
+    if method == "dino":
+        views += [torch.randn(batch, 1, 8, 8, generator=generator) for _ in range(2)]  # local crops
+    return views
+
+
+def objective_with_dropout(module, views, keep_ratio: float, patch_scale: int = 1):
+    """The module's loss on ``views`` with token dropout installed in its student backbone (masks from a
+    generator seeded 0), and the (batch, tokens) of every call of the student's and the teacher's first block."""
+    compression = install_sequence_compression(module.backbone, patch_scaling=patch_scale > 1,
+                                               generator=torch.Generator().manual_seed(0))
+    compression.set(keep_ratio, patch_scale)
+    module._trainer = StubTrainer()
+    module.global_views = 2
+    module.train()
+    calls: dict[str, list[tuple[int, int]]] = {"student": [], "teacher": []}
+    module.backbone.blocks[0].register_forward_pre_hook(lambda m, a: calls["student"].append(tuple(a[0].shape[:2])))
+    teacher = getattr(module, "momentum_backbone", None) or getattr(module, "teacher_backbone", None)
+    if teacher is not None:
+        teacher.blocks[0].register_forward_pre_hook(lambda m, a: calls["teacher"].append(tuple(a[0].shape[:2])))
+    loss = module.objective(list(views))
+    return loss, calls, compression
+
+
+def test_bad_token_dropout_views_is_refused_at_construction():
+    with pytest.raises(StackError, match=r"SimCLR: token_dropout_views='two' is not one of \['one', 'both'\].*"
+                                         r"Fix: use one of 'one', 'both'"):
+        SimCLR(model_name="vit_tiny_patch16_224", in_chans=1, model_kwargs=VIT, token_dropout_views="two")
+    assert make_method("dino", "one").hparams.token_dropout_views == "one"  # the default, saved with the module
+    assert SimCLR(model_name="vit_tiny_patch16_224", in_chans=1, model_kwargs=VIT).token_dropout_views == "one"
+
+
+@pytest.mark.parametrize("method", ["simclr", "mocov3", "dino"])
+def test_one_view_is_dropped_and_the_other_keeps_every_token(method):
+    """16 patch tokens (+ class token) per 16 px view, 4 per 8 px local crop; keep 0.5."""
+    views = views_of(method)
+    _, one, _ = objective_with_dropout(make_method(method, "one"), views, 0.5)
+    _, both, _ = objective_with_dropout(make_method(method, "both"), views, 0.5)
+    local_one, local_both = ([(8, 1 + 4)], [(8, 1 + 2)]) if method == "dino" else ([], [])
+    assert one["student"] == [(4, 1 + 8), (4, 1 + 16)] + local_one  # view 0 dropped, view 1 full
+    assert both["student"] == [(8, 1 + 8)] + local_both  # as before: one call, every view dropped
+    teacher = [(8, 1 + 16)] if method != "simclr" else []
+    assert one["teacher"] == both["teacher"] == teacher  # the momentum encoder / teacher: full sequences
+    # patch scaling applies to both views: scale 2 makes 4 patch tokens, the dropped view keeps 2
+    _, scaled, _ = objective_with_dropout(make_method(method, "one"), views, 0.5, patch_scale=2)
+    assert scaled["student"][:2] == [(4, 1 + 2), (4, 1 + 4)]
+
+
+@pytest.mark.parametrize("method", ["simclr", "mocov3", "dino"])
+def test_one_and_both_agree_without_dropout_and_differ_with_it(method):
+    views = views_of(method)
+    losses = {}
+    for keep in (1.0, 0.5):
+        for setting in ("one", "both"):
+            losses[keep, setting] = objective_with_dropout(make_method(method, setting), views, keep, 2)[0].item()
+    assert losses[1.0, "one"] == pytest.approx(losses[1.0, "both"], rel=1e-6)
+    assert abs(losses[0.5, "one"] - losses[0.5, "both"]) > 1e-3
+    # no token dropout installed at all: the same single backbone call as "both"
+    plain = {setting: make_method(method, setting) for setting in ("one", "both")}
+    for module in plain.values():
+        module._trainer, module.global_views = StubTrainer(), 2
+    assert float(plain["one"].objective(list(views))) == pytest.approx(float(plain["both"].objective(list(views))),
+                                                                        rel=1e-6)
+
+
+def test_the_split_backbone_calls_feed_the_projector_one_batch():
+    """SimCLR "one" at keep 0.5 equals the loss written by hand: view 0 through the dropping backbone,
+    view 1 at keep 1, the features concatenated before the BatchNorm projector (projecting each view
+    alone would change the BatchNorm statistics and the loss)."""
+    views = views_of("simclr")
+    loss, _, _ = objective_with_dropout(make_method("simclr", "one"), views, 0.5)
+    module = make_method("simclr", "one")
+    compression = install_sequence_compression(module.backbone, generator=torch.Generator().manual_seed(0))
+    module.train()
+    compression.set(0.5)
+    dropped = module.backbone(views[0])
+    compression.set(1.0)
+    full = module.backbone(views[1])
+    z1, z2 = module.projector(torch.cat((dropped, full))).chunk(2)
+    assert float(loss) == pytest.approx(float(nt_xent_loss(z1, z2, module.temperature)), rel=1e-6)
+    z1_apart, z2_apart = module.projector(dropped), module.projector(full)
+    assert abs(float(nt_xent_loss(z1_apart, z2_apart, module.temperature)) - float(loss)) > 1e-3
+
+
+@pytest.mark.parametrize("views", ["one", "both"])
+def test_efficiency_report_counts_the_asymmetric_cost(views, tmp_path):
+    """keep 0.5 on 16 patch tokens: "one" costs (cost(0.5) + cost(1)) / 2 of the full ViT step, "both"
+    cost(0.5); the FLOPs line sums what the two backbone calls really ran."""
+    module = SimCLR(model_name="vit_tiny_patch16_224", in_chans=1, model_kwargs=VIT, hidden_dim=32,
+                    projection_dim=16, token_dropout_views=views)
+    report = EfficiencyReport(dirpath=str(tmp_path))
+    technique = TokenDropout(keep_ratio=0.5)
+    trainer = make_trainer(tmp_path, [technique, report], max_steps=2, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, MultiViewDataModule(DigitsDataModule(batch_size=16)))
+    cost = ViTCostModel.from_vit(module.backbone)
+    flops = report.lines[("token_dropout", FLOPS_PER_STEP)]
+    tokens = report.lines[("token_dropout", TOKENS_PER_SAMPLE)]
+    full, dropped = cost.training_flops(), cost.training_flops(0.5)
+    expected = (dropped + full) / (2 * full) if views == "one" else dropped / full
+    assert flops.count == 2 and flops.ratio == pytest.approx(expected, rel=1e-9)
+    assert flops.baseline == pytest.approx(2 * 2 * 16 * full, rel=1e-9)  # 2 steps x 2 views x 16 images
+    assert tokens.ratio == pytest.approx((9 + 17) / 34 if views == "one" else 9 / 17, rel=1e-9)

@@ -10,18 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from stacktrain.errors import StackError
-from stacktrain.functional.flops import training_flops
+from stacktrain.functional.flops import flop_counter, training_flops
 from stacktrain.functional.token_drop import (
     FlexiPatchConv,
     RandomTokenDrop,
     ViTCostModel,
     check_keep_ratio,
     check_patch_scale,
+    drops_tokens,
     find_vits,
     install_sequence_compression,
     kept_token_count,
     random_token_keep,
     select_vit,
+    suspend_token_drop,
 )
 from stacktrain.functional.clip import create_clip_model
 
@@ -69,6 +71,65 @@ def test_random_token_drop_is_identity_in_eval_and_at_keep_one():
     assert drop(x).shape == (2, 1 + 8, 4)
     drop.keep_ratio = 1.0
     assert drop(x) is x
+
+
+def test_suspend_token_drop_keeps_every_token_at_the_patch_scale_and_puts_the_dropout_back():
+    vit = small_vit()
+    compression = install_sequence_compression(vit, patch_scaling=True)
+    compression.set(keep_ratio=0.5, patch_scale=2)  # 16 px, patch 2 at scale 2: a 4x4 grid, 16 patches
+    vit.train()
+    lengths: list[int] = []
+    vit.blocks[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    images = torch.randn(2, 1, 16, 16)
+    assert drops_tokens(vit)
+    vit(images)
+    with suspend_token_drop(vit) as suspended:
+        assert suspended == [compression.drop] and not drops_tokens(vit)
+        vit(images)
+        with suspend_token_drop(vit):  # nested: leaving the inner block keeps the outer one's suspension
+            pass
+        vit(images)
+    vit(images)
+    assert lengths == [1 + 8, 1 + 16, 1 + 16, 1 + 8]  # 16 patches at scale 2: 8 kept, then all 16
+    assert compression.drop.keep_ratio == 0.5 and drops_tokens(vit)
+    with pytest.raises(RuntimeError, match="inside"):
+        with suspend_token_drop(vit):
+            raise RuntimeError("inside")
+    assert not compression.drop.suspended and drops_tokens(vit)
+    vit.eval()
+    assert not drops_tokens(vit)
+    assert suspend_token_drop(small_vit()).__enter__() == []  # no token dropout installed: nothing to do
+
+
+@pytest.mark.parametrize("scale", [1, 2])
+def test_a_suspended_forward_is_counted_as_the_full_sequence_at_the_patch_scale(scale):
+    """Asymmetric dropout's cost: one view at keep 0.5, the other full, both at the patch scale; the
+    module's tally equals the FLOP counter's and the cost model's sum of the two."""
+    vit = small_vit()
+    compression = install_sequence_compression(vit, patch_scaling=True)
+    compression.set(keep_ratio=0.5, patch_scale=scale)
+    vit.train()
+    batch = 3
+    view_a, view_b = torch.randn(batch, 1, 16, 16), torch.randn(batch, 1, 16, 16)
+
+    def asymmetric(model: nn.Module) -> torch.Tensor:
+        dropped = model(view_a)
+        with suspend_token_drop(model):
+            full = model(view_b)
+        return torch.cat((dropped, full))
+
+    compression.drop.reset_counters()
+    with flop_counter() as counter:
+        asymmetric(vit).sum().backward()
+    measured = int(counter.get_total_flops())
+    model = compression.cost_model
+    expected = batch * (model.training_flops(0.5, scale) + model.training_flops(1.0, scale)) \
+        + 2 * model.resample_flops(scale, "flexi")
+    assert measured == expected
+    assert compression.drop.flops == measured
+    assert compression.drop.flops_full == 2 * batch * model.training_flops()
+    assert compression.drop.tokens == batch * (model.sequence(0.5, scale)[1] + model.sequence(1.0, scale)[1])
+    assert compression.drop.samples == 2 * batch
 
 
 def test_flexi_patch_kernel_sees_an_upsampled_patch_as_the_original_kernel_sees_the_patch():

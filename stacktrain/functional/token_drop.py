@@ -12,7 +12,10 @@ The pieces, in the order a ViT uses them::
 dropout module has no state; the patch convolution keeps the same weight and bias) and returns a
 `SequenceCompression` handle whose ``set(keep_ratio, patch_scale)`` changes the compression between
 steps; ``remove()`` restores the ViT. Both modules act in training mode only: evaluation always sees
-the full sequence. `ViTCostModel` gives a ViT's training FLOPs as a function of the sequence length.
+the full sequence. Inside ``with suspend_token_drop(model):`` the dropout of every `RandomTokenDrop`
+in ``model`` lets all tokens through while patch scaling stays on (asymmetric token dropout: one view
+of a pair dropped, the other full, both at the same patch scale), and `drops_tokens` says whether a
+training forward would drop tokens at all. `ViTCostModel` gives a ViT's training FLOPs as a function of the sequence length.
 
 Functional use, e.g. in a plain PyTorch loop::
 
@@ -26,7 +29,8 @@ from __future__ import annotations
 import math
 import sys
 import types
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +44,9 @@ __all__ = [
     "kept_token_count",
     "random_token_keep",
     "RandomTokenDrop",
+    "token_drops",
+    "drops_tokens",
+    "suspend_token_drop",
     "FlexiPatchConv",
     "PatchMode",
     "vit_family",
@@ -99,7 +106,9 @@ class RandomTokenDrop(nn.Module):
     Drop-in for timm's ``VisionTransformer.patch_drop`` and open_clip's ``VisionTransformer.patch_dropout``
     (like timm's ``PatchDropout``, but the ratio is a settable attribute, the random numbers come from
     ``generator``, and the FLOPs and tokens of every training forward are counted for the cost report).
-    Identity in eval mode. Holds no parameters or buffers, so the ViT's ``state_dict`` is unchanged.
+    Identity in eval mode, and while ``suspended`` (set by `suspend_token_drop`), when the forward
+    passes every token on and is counted as what it is: the full sequence at the current patch scale.
+    Holds no parameters or buffers, so the ViT's ``state_dict`` is unchanged.
     """
 
     def __init__(
@@ -119,6 +128,8 @@ class RandomTokenDrop(nn.Module):
         #: set by `SequenceCompression.set`: the patch scaling upstream of this module
         self.patch_scale = 1
         self.patch_mode = "flexi"
+        #: set by `suspend_token_drop`: training forwards keep every token (keep ratio 1 for them)
+        self.suspended = False
         self.reset_counters()
 
         #: every sequence length a training forward sent on to the blocks (what torch.compile saw)
@@ -141,7 +152,7 @@ class RandomTokenDrop(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
-        if self.keep_ratio < 1.0:
+        if self.keep_ratio < 1.0 and not self.suspended:
             x_out = random_token_keep(x, self.keep_ratio, self.num_prefix_tokens, self.generator, self.ordered)
         else:
             x_out = x
@@ -165,6 +176,44 @@ class RandomTokenDrop(nn.Module):
 
     def extra_repr(self) -> str:
         return f"keep_ratio={self.keep_ratio}, num_prefix_tokens={self.num_prefix_tokens}"
+
+
+def token_drops(module: nn.Module) -> list[RandomTokenDrop]:
+    """Every `RandomTokenDrop` in ``module``'s tree (empty when no token dropout is installed)."""
+    return [child for child in module.modules() if isinstance(child, RandomTokenDrop)]
+
+
+def drops_tokens(module: nn.Module) -> bool:
+    """Whether a forward of ``module`` as it is now would drop tokens: some `RandomTokenDrop` in its tree
+    is in training mode, not suspended, at a keep ratio below 1. (Patch scaling is not dropout: a
+    forward that only scales patches drops nothing.)"""
+    return any(drop.training and not drop.suspended and drop.keep_ratio < 1.0 for drop in token_drops(module))
+
+
+@contextmanager
+def suspend_token_drop(module: nn.Module) -> Iterator[list[RandomTokenDrop]]:
+    """Within the block, every `RandomTokenDrop` in ``module``'s tree keeps all tokens (as at keep ratio
+    1); on leaving it, also by an exception, each is put back as it was. Patch scaling (`FlexiPatchConv`)
+    is untouched, so a forward in the block sees the full token sequence of the current patch grid, and
+    the modules count it as such: their FLOPs and tokens tallies hold what really ran. Nests; a module
+    without token dropout is unaffected. Yields the modules it suspended.
+
+    Asymmetric token dropout of a pair of views (the paper's: dropout on one view, patch scaling on
+    both)::
+
+        dropped = vit(view_a)
+        with suspend_token_drop(vit):
+            full = vit(view_b)
+    """
+    drops = token_drops(module)
+    before = [drop.suspended for drop in drops]
+    for drop in drops:
+        drop.suspended = True
+    try:
+        yield drops
+    finally:
+        for drop, suspended in zip(drops, before):
+            drop.suspended = suspended
 
 
 # ----------------------------------------------------------------------------------- patch scaling
