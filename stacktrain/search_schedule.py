@@ -20,7 +20,9 @@ The procedure (after Lin et al., NeurIPS 2024, "Accelerating Augmentation Invari
    sequence and once per candidate ``(keep ratio, patch scale)`` with fresh random token masks. The
    module's state and the global RNG are restored after every gradient; the module's logging goes to
    a scratch collection. A candidate that another beats on cost, squared bias and variance at once is
-   not measured again (`dominated_candidates`).
+   not measured again (`dominated_candidates`), nor, without a budget, one whose cost-adjusted error
+   is above the full sequence's and rising (`falling_behind`); once only the full sequence is left,
+   the remaining checkpoints cost nothing.
 3. **Errors** (`gradient_error_stats`): squared bias and variance of each candidate's estimate against
    the full gradient, and the batch-to-batch variance of the full one; the cost-adjusted error
    ``(bias^2 + relative_cost x variance) / full variance`` (`cost_adjusted_error`; 1 for the full
@@ -57,6 +59,7 @@ from stacktrain.functional.acceleration_schedule import (
     choose_phases,
     cost_adjusted_error,
     dominated_candidates,
+    falling_behind,
     gradient_error_stats,
     write_schedule_file,
 )
@@ -346,9 +349,9 @@ class _MeasureAtStart(Callback):
     the fit only provides what the module's ``training_step`` expects (trainer, strategy, data)."""
 
     def __init__(self, checkpoints: Sequence[tuple[float, int, str]], total_steps: int | None,
-                 candidates: Sequence[tuple[float, int]], batches: int, options: dict[str, Any], drop: bool) -> None:
+                 candidates: Sequence[tuple[float, int]], batches: int, options: dict[str, Any]) -> None:
         self.checkpoints, self.total_steps, self.candidates = list(checkpoints), total_steps, list(candidates)
-        self.batches, self.options, self.drop = batches, options, drop
+        self.batches, self.options = batches, options
         self.result: dict[str, Any] = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -364,36 +367,56 @@ class _MeasureAtStart(Callback):
             start = time.process_time()
             costs = probe.costs(batches[0])
             self.result = {"relative_costs": costs, "cost_cpu_seconds": time.process_time() - start,
-                           "batches": len(batches), "stats": []}
-            alive = list(range(len(self.candidates)))
-            protected = [self.candidates.index(FULL)]
-            for number, (_, step, path) in enumerate(self.checkpoints):
+                           "batches": len(batches), "stats": [], "errors": []}
+            self._measure_all(trainer, pl_module, probe, batches, costs)
+        finally:
+            probe.close()
+
+    def _measure_all(self, trainer: Trainer, pl_module: LightningModule, probe: GradientProbe, batches: list[Any],
+                     costs: list[float]) -> None:
+        """Checkpoint after checkpoint, the candidates still worth measuring; once only the full sequence
+        is left (its error is 1 by definition), the remaining checkpoints cost nothing."""
+        full = self.candidates.index(FULL)
+        alive = list(range(len(self.candidates)))
+        for number, (_, step, path) in enumerate(self.checkpoints):
+            stats: list[dict[str, float] | None] = [None] * len(self.candidates)
+            if alive != [full]:
                 saved = torch.load(path, map_location=pl_module.device, weights_only=True)
                 pl_module.load_state_dict(saved["state_dict"])
                 with at_global_step(trainer, step):
                     stats = probe.measure(batches, alive, number)
-                self.result["stats"].append(stats)
-                if self.drop:
-                    gone = dominated_candidates(stats, costs, protected)
-                    alive = [c for c in alive if c not in gone]
-                rank_zero_info(f"search_schedule: measured {len(stats) - stats.count(None)} candidates at step {step}")
-        finally:
-            probe.close()
+            errors = [1.0 if c == full else None if s is None else cost_adjusted_error(s, costs[c])
+                      for c, s in enumerate(stats)]
+            gone: set[int] = set()
+            if self.options["drop_dominated"]:
+                gone |= dominated_candidates(stats, costs, [full])
+            if self.options["drop_falling_behind"] and self.result["errors"]:
+                gone |= falling_behind(self.result["errors"][-1], errors, [full])
+            alive = [c for c in alive if c not in gone]
+            self.result["stats"].append(stats)
+            self.result["errors"].append(errors)
+            measured = len(stats) - stats.count(None)
+            rank_zero_info(f"search_schedule: step {step}: " + (f"measured {measured} candidates" if measured else
+                                                                 "only the full sequence left, nothing to measure"))
 
 
 def measure_checkpoints(
     model: LightningModule, datamodule: Any, settings: dict[str, Any], checkpoints: Sequence[tuple[float, int, str]],
     candidates: Sequence[tuple[float, int]], *, batches: int = 3, total_steps: int | None = None,
     patch_mode: str = "flexi", vit_path: str | None = None, seed: int = 0, drop_dominated: bool = True,
+    drop_falling_behind: bool = False,
 ) -> dict[str, Any]:
-    """Per checkpoint, the `gradient_error_stats` of every candidate still measured (``stats``: rows
-    per checkpoint, ``None`` where dropped), the candidates' ``relative_costs`` and the CPU seconds.
+    """Per checkpoint (rows), the `gradient_error_stats` (``stats``) and cost-adjusted ``errors`` of every
+    candidate (columns) still measured there (``None`` where dropped), the candidates'
+    ``relative_costs`` and the CPU seconds. Dropping: `dominated_candidates` (``drop_dominated``) and
+    `falling_behind` (``drop_falling_behind``: only where no budget asks for cheap candidates).
 
     The module runs inside a fit of the config's length that stops before its first step, so
     ``total_steps`` (the run that wrote the checkpoints) must match it."""
-    options = {"patch_mode": patch_mode, "vit_path": vit_path, "seed": seed,
+    options = {"patch_mode": patch_mode, "vit_path": vit_path, "seed": seed, "drop_dominated": drop_dominated,
+               "drop_falling_behind": drop_falling_behind,
                "dir": os.path.dirname(checkpoints[0][2]) if checkpoints else None}
-    measuring = _MeasureAtStart(checkpoints, total_steps, candidates, batches, options, drop_dominated)
+    measuring = _MeasureAtStart(checkpoints, total_steps, candidates, batches, options)
     trainer = _trainer(settings, [measuring])
     start = time.process_time()
     trainer.fit(model, datamodule)
@@ -520,9 +543,9 @@ def search_schedule(
     found = load_progress_checkpoints(checkpoints)
     measured = measure_checkpoints(model, datamodule, settings, found, candidates, batches=batches,
                                    total_steps=index.get("total_steps"), patch_mode=patch_mode, vit_path=vit_path,
-                                   seed=seed, drop_dominated=drop_dominated)
-    errors = [[None if s is None else cost_adjusted_error(s, c) for s, c in zip(row, measured["relative_costs"])]
-              for row in measured["stats"]]
+                                   seed=seed, drop_dominated=drop_dominated,
+                                   drop_falling_behind=drop_dominated and budget is None)
+    errors = measured["errors"]
     phases, mean_cost = choose_phases([p for p, _, _ in found], errors, measured["relative_costs"], candidates, budget)
     schedule = AccelerationSchedule(phases=phases, source=SOURCE)
     search_seconds = time.process_time() - start - (training_seconds or 0.0)
@@ -564,7 +587,8 @@ def _measurement_tables(found: Sequence[tuple[float, int, str]], candidates: Seq
         "variance": table("variance"),
         "one_minus_cosine": table("one_minus_cosine"),
         "relative_l2": table("relative_l2"),
-        "full_variance": [round(float(row[0]["full_variance"]), 6) for row in measured["stats"]],
+        "full_variance": [None if row[0] is None else round(float(row[0]["full_variance"]), 6)
+                          for row in measured["stats"]],
     }
 
 
@@ -662,7 +686,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vit-path", default=None, help="attribute path of the ViT when the model has several")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-dominated", action="store_true",
-                        help="measure every candidate at every checkpoint (default: drop dominated ones)")
+                        help="measure every candidate at every checkpoint (default: drop dominated ones and, "
+                             "without --budget, those falling behind the full sequence)")
     parser.add_argument("--no-plot", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     try:

@@ -13,6 +13,7 @@ from stacktrain.functional.acceleration_schedule import (
     Phase,
     choose_phases,
     dominated_candidates,
+    falling_behind,
     cost_adjusted_error,
     gradient_error_stats,
     read_schedule_file,
@@ -169,3 +170,13 @@ def test_dominated_candidates_need_to_lose_on_cost_variance_and_clearly_on_bias(
     assert dominated_candidates(full_last, [1.0, 0.9]) == {0} and not dominated_candidates(full_last, [1.0, 0.9], [0])
 
 
+
+
+def test_falling_behind_drops_candidates_worse_than_full_and_getting_worse():
+    previous = [1.0, 0.8, 1.4, 1.3, 1.1, None, 0.9]
+    current = [1.0, 1.2, 1.5, 1.2, 1.3, 2.0, 1.26]
+    # 1: rising but within the margin; 2: above 1.25 and rising: dropped; 3: above but falling;
+    # 4: rising above 1.25: dropped; 5: not measured before; 6: 1.26 just past 1 + 0.25
+    assert falling_behind(previous, current, protected=[0]) == {2, 4, 6}
+    assert falling_behind(previous, current, protected=[0], margin=0.4) == {2}
+    assert falling_behind([2.0, 1.0], [3.0, 1.0], protected=[0]) == set()  # the full sequence stays

@@ -10,7 +10,8 @@ or a named shape of the keep ratio:
 - ``linear`` / ``cosine``: the keep ratio rises from ``keep_ratio`` at the start to 1 at ``until``
   (straight line / half cosine), full sequence after.
 
-The search (`gradient_error_stats`, `cost_adjusted_error`, `dominated_candidates`, `choose_phases`)
+The search (`gradient_error_stats`, `cost_adjusted_error`, `dominated_candidates`, `falling_behind`,
+`choose_phases`)
 compares, at checkpoints of a training run, each candidate compression's gradient with the full-sequence
 gradient on the same batches and picks, per stage, the candidate with the least cost-adjusted error,
 compression never increasing over training and the full sequence in the final stage (optionally within
@@ -39,6 +40,7 @@ __all__ = [
     "gradient_error_stats",
     "cost_adjusted_error",
     "dominated_candidates",
+    "falling_behind",
     "choose_phases",
 ]
 
@@ -311,6 +313,29 @@ def dominated_candidates(
                 dropped.add(a)
                 break
     return dropped
+
+
+def falling_behind(
+    previous: Sequence[float | None],
+    current: Sequence[float | None],
+    protected: Sequence[int] = (),
+    margin: float = 0.25,
+) -> set[int]:
+    """Indices of candidates whose cost-adjusted error is above the full sequence's (1) by more than
+    ``margin`` at this checkpoint and higher than at the previous one: not worth measuring later
+    when no budget asks for cheap candidates.
+
+    A compression's error per unit of compute grows as training converges (its bias comes to dominate
+    the gradient noise; papers.md section 1), so a candidate already worse than the full sequence and
+    getting worse would win a later stage only if its error fell by more than ``2 x margin`` right
+    away: the next stage's error is the mean of this checkpoint's and the next. The margin keeps
+    the noise of a few batches from dropping a candidate near 1. ``None`` entries (not measured)
+    are left alone; ``protected`` (the full sequence) is never dropped.
+    """
+    return {
+        c for c, (before, now) in enumerate(zip(previous, current))
+        if c not in protected and before is not None and now is not None and now > 1.0 + margin and now > before
+    }
 
 
 def choose_phases(
