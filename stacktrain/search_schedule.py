@@ -130,12 +130,14 @@ class ProgressCheckpoints(Callback):
         self._resumed = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero and not self._resumed and os.path.exists(os.path.join(self.dirpath, INDEX)):
+        # rank 0's view, on every rank: a refusal on one rank alone would leave the others waiting
+        taken = trainer.strategy.broadcast(os.path.exists(os.path.join(self.dirpath, INDEX)), src=0)
+        if taken and not self._resumed:
             raise StackError("already holds progress checkpoints; they are never overwritten",
                              source="ProgressCheckpoints", key="dirpath", value=self.dirpath,
                              fix="give a new folder or move the old one away")
         self._total = _total_steps(trainer)
-        done = {entry["point"] for entry in self.entries}
+        done = {point for entry in self.entries for point in entry["points"]}
         self._pending = [(p, _first_step_at(p, self._total)) for p in self.points if p not in done]
         self._cpu_start = time.process_time()
 
@@ -150,7 +152,7 @@ class ProgressCheckpoints(Callback):
             name = f"step-{step:07d}.pt"
             torch.save({"state_dict": pl_module.state_dict(), "global_step": step, "total_steps": self._total},
                        os.path.join(self.dirpath, name))
-            self.entries.append({"point": due[0], "progress": step / self._total, "step": step, "file": name})
+            self.entries.append({"points": due, "progress": step / self._total, "step": step, "file": name})
             self._write_index(complete=False)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -499,6 +501,15 @@ def _check_arguments(budget: float | None, out: str, batches: int, patch_mode: s
                          value=out, fix="give a new file name or move the old file away")
     if checkpoints is not None:
         _read_index(checkpoints)
+    elif os.path.exists(os.path.join(_own_checkpoints(out), INDEX)):
+        raise StackError("already holds the checkpoints of an earlier search; they are never overwritten",
+                         source=SOURCE, key="checkpoint folder", value=_own_checkpoints(out),
+                         fix=f"reuse them with --checkpoints {_own_checkpoints(out)}, or move them away")
+
+
+def _own_checkpoints(out: str) -> str:
+    """Where a search that trains its own run puts the checkpoints: beside ``out``."""
+    return os.path.splitext(out)[0] + ".checkpoints"
 
 
 def _train_with_checkpoints(model: LightningModule, datamodule: Any, settings: dict[str, Any],
@@ -537,7 +548,7 @@ def search_schedule(
     candidates = make_candidates(model, datamodule, keep_ratios, patch_scales, vit_path)
     training_seconds = None
     if checkpoints is None:
-        checkpoints = os.path.splitext(out)[0] + ".checkpoints"
+        checkpoints = _own_checkpoints(out)
         training_seconds = _train_with_checkpoints(model, datamodule, settings, points, checkpoints)
     index = _read_index(checkpoints)
     found = load_progress_checkpoints(checkpoints)

@@ -80,6 +80,7 @@ def test_progress_checkpoints_at_the_first_step_at_or_after_each_point_and_train
     assert same_state(saved["state_dict"], snapshot.state)
     index = yaml.safe_load((folder / "progress_checkpoints.yaml").read_text())
     assert index["complete"] and index["steps"] == 12 and index["cpu_seconds"] > 0
+    assert [entry["points"] for entry in index["checkpoints"]] == [[0.0], [0.1], [0.25], [0.5]]
     with pytest.raises(StackError, match="dirpath=.* already holds progress checkpoints"):
         make_trainer(tmp_path, [ProgressCheckpoints((0.0, 0.5), str(folder))], max_steps=2,
                      limit_val_batches=0).fit(tiny_dino(), views())
@@ -97,7 +98,7 @@ class StopAt(Callback):
 
 
 def test_progress_checkpoints_go_on_after_a_resume(tmp_path):
-    folder, points = tmp_path / "ckpt", (0.0, 0.1, 0.25, 0.5)
+    folder, points = tmp_path / "ckpt", (0.0, 0.1, 0.12, 0.25, 0.5)  # 0.1 and 0.12 of 12 steps: both step 2
     first = make_trainer(tmp_path, [ProgressCheckpoints(points, str(folder)), StopAt(4)], max_steps=12,
                          limit_val_batches=0)
     first.fit(tiny_dino(), views())
@@ -108,6 +109,7 @@ def test_progress_checkpoints_go_on_after_a_resume(tmp_path):
     assert [step for _, step, _ in load_progress_checkpoints(str(folder))] == [0, 2, 3, 6]
     index = yaml.safe_load((folder / "progress_checkpoints.yaml").read_text())
     assert index["complete"] and index["steps"] == 12
+    assert [entry["points"] for entry in index["checkpoints"]] == [[0.0], [0.1, 0.12], [0.25], [0.5]]
 
 
 class Probing(Callback):
@@ -226,3 +228,7 @@ def test_bad_arguments_are_refused_before_any_training(tmp_path):
     with pytest.raises(StackError, match="batches=1"):
         search_schedule(SIMCLR, None, str(tmp_path / "x.yaml"), batches=1)
     assert not any(tmp_path.iterdir())
+    (tmp_path / "x.checkpoints").mkdir()
+    (tmp_path / "x.checkpoints" / "progress_checkpoints.yaml").write_text("checkpoints: []\n")
+    with pytest.raises(StackError, match=r"x.checkpoints' already holds .* reuse them with --checkpoints"):
+        search_schedule(SIMCLR, None, str(tmp_path / "x.yaml"))
