@@ -79,6 +79,8 @@ __all__ = [
     "load_progress_checkpoints",
     "GradientProbe",
     "logging_discarded",
+    "at_global_step",
+    "preserved_state",
     "make_candidates",
     "measure_checkpoints",
     "search_schedule",
@@ -180,6 +182,7 @@ class ProgressCheckpoints(Callback):
 
 
 def _read_index(dirpath: str) -> dict[str, Any]:
+    """The index `ProgressCheckpoints` keeps in ``dirpath`` (total steps, CPU seconds, entries)."""
     path = os.path.join(dirpath, INDEX)
     if not os.path.isfile(path):
         raise StackError(f"holds no {INDEX}", source=SOURCE, key="--checkpoints", value=dirpath,
@@ -540,7 +543,15 @@ def search_schedule(
 ) -> dict[str, Any]:
     """Measure on ``checkpoints`` (a `ProgressCheckpoints` folder of a run of this config; without it,
     train that run here into ``<out stem>.checkpoints/``), choose, and write ``out`` (YAML) and
-    ``<out stem>.png``. Returns the file's content; ``content["search"]`` holds the CPU seconds."""
+    ``<out stem>.png``. Returns the file's content.
+
+    ``budget``: optional cap on the mean relative step cost (``None``: the paper's rule alone).
+    ``points``: where to checkpoint when the search trains its own run (ignored with ``checkpoints``).
+    ``drop_dominated``: stop measuring `dominated_candidates` and, without a budget, candidates
+    `falling_behind` the full sequence. ``overrides``: LightningCLI arguments for the config (with
+    ``checkpoints``, those of the run that wrote them). ``content["search"]`` holds the search's own
+    CPU seconds (up to writing the file; the plot after it is not counted), the CPU seconds of the
+    training that wrote the checkpoints and their ratio ``cost_ratio``."""
     start = time.process_time()
     _check_arguments(budget, out, batches, patch_mode, checkpoints)
     points = _check_points(points)
