@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -276,6 +276,8 @@ class GradientProbe:
             vit, patch_scaling=any(s > 1 for _, s in self.candidates), patch_mode=patch_mode,  # type: ignore[arg-type]
             generator=self.generator, source=SOURCE)
         self.params = [p for p in pl_module.parameters() if p.requires_grad]
+        #: training-step FLOPs per candidate, from the first `measure` with ``count_flops``
+        self.flops: dict[tuple[float, int], float] = {}
 
     def close(self) -> None:
         self.compression.remove()
@@ -287,45 +289,51 @@ class GradientProbe:
         output = self.module.training_step(batch, 0)
         return output["loss"] if isinstance(output, dict) else output
 
-    def _gradient(self, batch: Any, candidate: tuple[float, int], rng_seed: int, mask_seed: int) -> torch.Tensor:
-        grads = torch.autograd.grad(self._loss(batch, candidate, rng_seed, mask_seed), self.params, allow_unused=True)
-        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, self.params)])
+    def _gradient(self, batch: Any, candidate: tuple[float, int], rng_seed: int, mask_seed: int,
+                  count_flops: bool = False) -> torch.Tensor:
+        """The flattened gradient, by ``.backward()`` (the flop counter's module hooks do not work under
+        ``autograd.grad``); with ``count_flops``, the step's FLOPs go to ``self.flops[candidate]``."""
+        for parameter in self.params:
+            parameter.grad = None
+        with flop_counter() if count_flops else nullcontext() as counter:
+            self._loss(batch, candidate, rng_seed, mask_seed).backward()
+        if counter is not None:
+            self.flops[candidate] = float(counter.get_total_flops())
+        gradient = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
+        for parameter in self.params:
+            parameter.grad = None
+        return gradient
 
-    def costs(self, batch: Any) -> list[float]:
+    @property
+    def relative_costs(self) -> list[float]:
         """FLOPs of the module's whole training step (forward and backward, teacher included) per
-        candidate, relative to the full sequence; measured once, they do not depend on the weights."""
-        flops = {}
-        with preserved_state(self.module) as restore, logging_discarded(self.module):
-            self.module.train()
-            for candidate in dict.fromkeys([FULL, *self.candidates]):
-                with flop_counter() as counter:  # its module hooks need .backward(), not autograd.grad
-                    self._loss(batch, candidate, self.seed, self.seed).backward()
-                flops[candidate] = float(counter.get_total_flops())
-                restore()
-                for parameter in self.params:
-                    parameter.grad = None
-            self.compression.set(*FULL)
-        return [flops[c] / flops[FULL] for c in self.candidates]
+        candidate, relative to the full sequence, counted on the first batch of the first `measure`
+        (``count_flops=True``): they depend on shapes only, so counting them again would be waste."""
+        return [self.flops[c] / self.flops[FULL] for c in self.candidates]
 
-    def measure(self, batches: Sequence[Any], alive: Sequence[int], round_seed: int) -> list[dict[str, float] | None]:
+    def measure(self, batches: Sequence[Any], alive: Sequence[int], round_seed: int,
+                count_flops: bool = False) -> list[dict[str, float] | None]:
         """`gradient_error_stats` of the candidates numbered in ``alive`` (``None`` for the others)
-        against the full sequence on ``batches``; the module's state and the global RNG are as before."""
+        against the full sequence on ``batches``; the module's state, its gradients and the global RNG
+        are as before. With ``count_flops`` the first batch's passes are also counted (`relative_costs`)."""
         rng_seeds = [self.seed * 100_000 + round_seed * 100 + index for index in range(len(batches))]
         stats: list[dict[str, float] | None] = [None] * len(self.candidates)
         with preserved_state(self.module) as restore, logging_discarded(self.module):
             self.module.train()
             full = []
-            for batch, rng_seed in zip(batches, rng_seeds):
-                full.append(self._gradient(batch, FULL, rng_seed, 0))
+            for index, (batch, rng_seed) in enumerate(zip(batches, rng_seeds)):
+                full.append(self._gradient(batch, FULL, rng_seed, 0, count_flops and index == 0))
                 restore()
             full_grads = torch.stack(full)
             for number in alive:
-                if self.candidates[number] == FULL:
+                candidate = self.candidates[number]
+                if candidate == FULL:
                     stats[number] = gradient_error_stats(full_grads, full_grads)
                     continue
                 grads = []
-                for batch, rng_seed in zip(batches, rng_seeds):
-                    grads.append(self._gradient(batch, self.candidates[number], rng_seed, rng_seed * 100 + number + 1))
+                for index, (batch, rng_seed) in enumerate(zip(batches, rng_seeds)):
+                    grads.append(self._gradient(batch, candidate, rng_seed, rng_seed * 100 + number + 1,
+                                                count_flops and index == 0))
                     restore()
                 stats[number] = gradient_error_stats(full_grads, torch.stack(grads))
             self.compression.set(*FULL)
@@ -369,18 +377,17 @@ class _MeasureAtStart(Callback):
                               vit_path=self.options["vit_path"], seed=self.options["seed"])
         try:
             batches = _fixed_batches(trainer, self.batches, self.options["seed"])
-            start = time.process_time()
-            costs = probe.costs(batches[0])
-            self.result = {"relative_costs": costs, "cost_cpu_seconds": time.process_time() - start,
-                           "batches": len(batches), "stats": [], "errors": []}
-            self._measure_all(trainer, pl_module, probe, batches, costs)
+            self.result = {"batches": len(batches), "stats": [], "errors": []}
+            self._measure_all(trainer, pl_module, probe, batches)
+            self.result["relative_costs"] = probe.relative_costs
         finally:
             probe.close()
 
-    def _measure_all(self, trainer: Trainer, pl_module: LightningModule, probe: GradientProbe, batches: list[Any],
-                     costs: list[float]) -> None:
-        """Checkpoint after checkpoint, the candidates still worth measuring; once only the full sequence
-        is left (its error is 1 by definition), the remaining checkpoints cost nothing."""
+    def _measure_all(self, trainer: Trainer, pl_module: LightningModule, probe: GradientProbe,
+                     batches: list[Any]) -> None:
+        """Checkpoint after checkpoint, the candidates still worth measuring (all of them, FLOPs counted,
+        at the first); once only the full sequence is left (its error is 1 by definition), the
+        remaining checkpoints cost nothing."""
         full = self.candidates.index(FULL)
         alive = list(range(len(self.candidates)))
         for number, (_, step, path) in enumerate(self.checkpoints):
@@ -389,7 +396,8 @@ class _MeasureAtStart(Callback):
                 saved = torch.load(path, map_location=pl_module.device, weights_only=True)
                 pl_module.load_state_dict(saved["state_dict"])
                 with at_global_step(trainer, step):
-                    stats = probe.measure(batches, alive, number)
+                    stats = probe.measure(batches, alive, number, count_flops=number == 0)
+            costs = probe.relative_costs
             errors = [1.0 if c == full else None if s is None else cost_adjusted_error(s, costs[c])
                       for c, s in enumerate(stats)]
             gone: set[int] = set()
@@ -587,7 +595,6 @@ def _search_cost(checkpoints: str, index: dict[str, Any], measured: dict[str, An
     return {"checkpoints": checkpoints, "trained_here": training_seconds is not None,
             "batches": measured["batches"], "cpu_seconds": round(search_seconds, 2),
             "cpu_seconds_measuring": round(measured["cpu_seconds"], 2),
-            "cpu_seconds_costs": round(measured["cost_cpu_seconds"], 2),
             "cpu_seconds_training_here": None if training_seconds is None else round(training_seconds, 2),
             "baseline_training_cpu_seconds": None if baseline is None else round(float(baseline), 2),
             "cost_ratio": round(search_seconds / baseline, 4) if baseline else None}
