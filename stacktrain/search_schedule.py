@@ -607,7 +607,7 @@ def _measurement_tables(found: Sequence[tuple[float, int, str]], candidates: Seq
         return [[None if s is None else round(float(s[key]), 6) for s in row] for row in measured["stats"]]
 
     return {
-        "progress": [round(p, 6) for p, _, _ in found],
+        "progress": [p for p, _, _ in found],  # exact step / total: the phase ends
         "steps": [step for _, step, _ in found],
         "candidates": [{"keep_ratio": k, "patch_scale": s, "relative_cost": round(c, 4)}
                        for (k, s), c in zip(candidates, measured["relative_costs"])],
