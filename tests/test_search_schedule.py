@@ -186,6 +186,10 @@ def test_search_trains_with_checkpoints_and_writes_a_monotone_schedule_ending_fu
     assert costs[0] == 1.0 and all(0.0 < c < 1.0 for c in costs[1:])
     for row in measured["cost_adjusted_error"]:
         assert row[0] == pytest.approx(1.0)  # the full sequence is the reference
+    for column in zip(*measured["cost_adjusted_error"]):  # a dropped candidate is not measured again
+        first_gap = column.index(None) if None in column else len(column)
+        assert all(value is None for value in column[first_gap:])
+    assert None in measured["cost_adjusted_error"][-1]  # some were dropped
     phases = written["phases"]
     assert phases[-1] == {"end": 1.0, "keep_ratio": 1.0, "patch_scale": 1} and phases[-2]["end"] <= 0.75
     assert phase_costs(written) == sorted(phase_costs(written))  # compression never increases
