@@ -694,6 +694,8 @@ def _floats(text: str) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m stacktrain.search_schedule``: the search's options, then any LightningCLI override of
+    the config; a `StackError` ends it with exit code 2 and its message. Returns the file's content."""
     parser = argparse.ArgumentParser(
         prog="python -m stacktrain.search_schedule", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2],
