@@ -24,7 +24,7 @@ from stacktrain.errors import StackError, require_number
 
 from .base import ImageDataModule, SeededSamples, stateful_train_loader
 
-__all__ = ["MultiViewDataModule", "MultiViewDataset", "RandomIntensity", "ssl_view_transform"]
+__all__ = ["MultiViewDataModule", "MultiViewDataset", "RandomIntensity", "RandomRotateShear", "ssl_view_transform"]
 
 
 class RandomIntensity(torch.nn.Module):
@@ -43,14 +43,38 @@ class RandomIntensity(torch.nn.Module):
         return image * (1 + contrast) + brightness
 
 
+class RandomRotateShear(torch.nn.Module):
+    """A random rotation in ``[-degrees, degrees]`` and shear in ``[-shear, shear]`` of a *normalized*
+    tensor image, filling the uncovered corners with the image's own minimum (its background): torchvision's
+    ``RandomAffine`` fills with a constant, which on a normalized image is a grey frame around the
+    digit that the network would learn to match across views."""
+
+    def __init__(self, degrees: float = 0.0, shear: float = 0.0) -> None:
+        super().__init__()
+        self.degrees, self.shear = float(degrees), float(shear)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.degrees <= 0 and self.shear <= 0:
+            return image
+        angle, shear = ((torch.rand(2) * 2 - 1) * torch.tensor([self.degrees, self.shear])).tolist()
+        # shifted so the background is 0: the zero padding of the bilinear resampling is then the
+        # background too (a fill value alone leaves a grey rim where it blends with the padding)
+        background = image.amin(dim=(-2, -1), keepdim=True)
+        turned = v2.functional.affine(image - background, angle=angle, translate=[0, 0], scale=1.0,
+                                      shear=[shear, 0.0], interpolation=v2.InterpolationMode.BILINEAR, fill=0.0)
+        return turned + background
+
+
 def ssl_view_transform(
     size: int, *, crop_scale: Sequence[float] = (0.4, 1.0), intensity: float = 0.4, blur: float = 0.5,
-    erase: float = 0.0,
+    erase: float = 0.0, degrees: float = 0.0, shear: float = 0.0,
 ) -> v2.Compose:
-    """One random view of a normalized tensor image, suited to small images: a random resized crop to
-    ``size`` (aspect 3/4..4/3), contrast/brightness jitter, a 3x3 Gaussian blur with probability
-    ``blur``, and random erasing with probability ``erase``. No flips (they change digits)."""
-    steps: list[Any] = [
+    """One random view of a normalized tensor image, suited to small images: a random rotation by up to
+    ``degrees`` and shear by up to ``shear`` (handwriting varies that way; off by default), a random
+    resized crop to ``size`` (aspect 3/4..4/3), contrast/brightness jitter, a 3x3 Gaussian blur with
+    probability ``blur``, and random erasing with probability ``erase``. No flips (they change digits)."""
+    steps: list[Any] = [RandomRotateShear(degrees, shear)] if degrees > 0 or shear > 0 else []
+    steps += [
         v2.RandomResizedCrop(size, scale=tuple(crop_scale), ratio=(3 / 4, 4 / 3), antialias=True),
         RandomIntensity(intensity),
     ]
@@ -90,6 +114,8 @@ class MultiViewDataModule(LightningDataModule):
         intensity: contrast/brightness jitter strength (normalized units).
         blur: probability of a 3x3 Gaussian blur.
         erase: probability of random erasing.
+        degrees: largest random rotation of every view, in degrees (0: none).
+        shear: largest random shear of every view, in degrees (0: none).
     """
 
     def __init__(
@@ -103,6 +129,8 @@ class MultiViewDataModule(LightningDataModule):
         intensity: float = 0.4,
         blur: float = 0.5,
         erase: float = 0.0,
+        degrees: float = 0.0,
+        shear: float = 0.0,
     ) -> None:
         super().__init__()
         source = type(self).__name__
@@ -120,7 +148,10 @@ class MultiViewDataModule(LightningDataModule):
         self.local_views = int(local_views)
         self.crop_scale = tuple(crop_scale)
         self.local_crop_scale = tuple(local_crop_scale)
+        for key, value in (("degrees", degrees), ("shear", shear)):
+            require_number(value, f"data.init_args.{key}", source=source, low=0.0, high=90.0)
         self.intensity, self.blur, self.erase = float(intensity), float(blur), float(erase)
+        self.degrees, self.shear = float(degrees), float(shear)
         self.num_classes = base.num_classes
         self.class_names = base.class_names
         self.image_shape = base.image_shape
@@ -158,7 +189,8 @@ class MultiViewDataModule(LightningDataModule):
         if height is None:
             raise StackError("does not know its image size", source=type(self).__name__, key="base.image_shape",
                              value=None, fix="use a base data module with image_size set")
-        common = dict(intensity=self.intensity, blur=self.blur, erase=self.erase)
+        common = dict(intensity=self.intensity, blur=self.blur, erase=self.erase, degrees=self.degrees,
+                      shear=self.shear)
         views = [ssl_view_transform(height, crop_scale=self.crop_scale, **common) for _ in range(self.global_views)]
         views += [ssl_view_transform(self.local_size, crop_scale=self.local_crop_scale, **common)
                   for _ in range(self.local_views)]

@@ -353,6 +353,8 @@ class DINO(ContrastiveLearner):
         center_momentum: EMA momentum of the centre of teacher outputs.
         base_momentum: teacher EMA momentum at the start, rising to 1 along a half cosine.
         freeze_last_layer_steps: optimizer steps during which the prototypes are not updated.
+        head_batchnorm: BatchNorm in the head's hidden layers (the reference's ``use_bn``); small ViTs
+            need it to escape the collapse to a uniform teacher (`DINOHead`).
         **kwargs: `ContrastiveLearner` arguments.
     """
 
@@ -360,7 +362,7 @@ class DINO(ContrastiveLearner):
                  student_temperature: float = 0.1, teacher_temperature: float = 0.04,
                  warmup_teacher_temperature: float = 0.04, teacher_temperature_warmup: float = 0.0,
                  center_momentum: float = 0.9, base_momentum: float = 0.996, freeze_last_layer_steps: int = 0,
-                 **kwargs: Any) -> None:
+                 head_batchnorm: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         for key, value in (("student_temperature", student_temperature), ("teacher_temperature", teacher_temperature),
                            ("warmup_teacher_temperature", warmup_teacher_temperature)):
@@ -368,7 +370,7 @@ class DINO(ContrastiveLearner):
         require_number(teacher_temperature_warmup, "teacher_temperature_warmup", source="DINO", low=0.0, high=1.0)
         require_number(center_momentum, "center_momentum", source="DINO", low=0.0, high=1.0)
         require_number(base_momentum, "base_momentum", source="DINO", low=0.0, high=1.0)
-        self.head = DINOHead(self.feature_dim, out_dim, hidden_dim, bottleneck_dim)
+        self.head = DINOHead(self.feature_dim, out_dim, hidden_dim, bottleneck_dim, batchnorm=head_batchnorm)
         self.teacher_backbone = _frozen_copy(self.backbone)
         self.teacher_head = _frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, out_dim))

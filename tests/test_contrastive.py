@@ -15,6 +15,7 @@ from torch import nn
 from conftest import TINY_VIT, make_trainer
 from stacktrain.callbacks import EfficiencyReport, TokenDropout
 from stacktrain.datamodules import DigitsDataModule, MultiViewDataModule
+from stacktrain.datamodules.multiview import RandomRotateShear
 from stacktrain.errors import StackError
 from stacktrain.functional.contrastive import (
     cosine_momentum,
@@ -89,6 +90,21 @@ def test_multi_view_batches_are_seeded_per_sample_and_evaluation_keeps_images_an
     assert len(bank.dataset) == 1257
     with pytest.raises(StackError, match="crop_scale"):
         MultiViewDataModule(DigitsDataModule(), crop_scale=(0.5, 0.2))
+    with pytest.raises(StackError, match="degrees"):
+        MultiViewDataModule(DigitsDataModule(), degrees=-5)
+
+
+def test_rotate_shear_fills_with_the_background_and_keeps_the_stroke():
+    image = torch.full((1, 16, 16), -0.8)
+    image[:, 3:13, 7:9] = 2.0  # a vertical bar on the normalized background
+    torch.manual_seed(0)
+    turned = RandomRotateShear(degrees=45, shear=20)(image)
+    assert turned.min() >= -0.8 - 1e-6  # corners filled with the background, not 0 (a grey frame)
+    assert torch.allclose(turned[:, 0, :], torch.tensor(-0.8)) and torch.allclose(turned[:, -1, :], torch.tensor(-0.8))
+    assert not torch.equal(turned, image)
+    stroke = (turned - -0.8).sum() / (image - -0.8).sum()
+    assert 0.8 < float(stroke) < 1.2  # the bar's ink is moved, not lost
+    assert torch.equal(RandomRotateShear(0, 0)(image), image)
 
 
 def fit(module, data, callbacks=(), steps=4) -> Trainer:

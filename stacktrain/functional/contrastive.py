@@ -125,10 +125,13 @@ def bn_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, last_bn:
 
 class DINOHead(nn.Module):
     """DINO's projection head: an MLP to a bottleneck, L2 normalisation, and a weight-normalised linear
-    layer to ``out_dim`` prototypes whose norm is fixed (``norm_last_layer``), as in the reference code."""
+    layer to ``out_dim`` prototypes whose norm is fixed (``norm_last_layer``), as in the reference code.
+    ``batchnorm`` puts a BatchNorm after each hidden layer (the reference's ``use_bn``): a small ViT at
+    initialisation gives nearly the same feature for every image, the centred teacher is then uniform
+    from the first steps and DINO collapses; BatchNorm removes that common part."""
 
     def __init__(self, in_dim: int, out_dim: int = 1024, hidden_dim: int = 512, bottleneck_dim: int = 128,
-                 layers: int = 3) -> None:
+                 layers: int = 3, batchnorm: bool = False) -> None:
         super().__init__()
         modules: list[nn.Module] = []
         for index in range(layers):
@@ -136,7 +139,7 @@ class DINOHead(nn.Module):
             last = index == layers - 1
             modules.append(nn.Linear(first, bottleneck_dim if last else hidden_dim))
             if not last:
-                modules.append(nn.GELU())
+                modules += [nn.BatchNorm1d(hidden_dim), nn.GELU()] if batchnorm else [nn.GELU()]
         self.mlp = nn.Sequential(*modules)
         for module in self.mlp:
             if isinstance(module, nn.Linear):
