@@ -41,6 +41,7 @@ from stacktrain.functional.contrastive import (
     dino_loss,
     ema_update,
     knn_predict,
+    koleo_loss,
     moco_contrastive_loss,
     nt_xent_loss,
 )
@@ -353,8 +354,20 @@ class DINO(ContrastiveLearner):
         center_momentum: EMA momentum of the centre of teacher outputs.
         base_momentum: teacher EMA momentum at the start, rising to 1 along a half cosine.
         freeze_last_layer_steps: optimizer steps during which the prototypes are not updated.
-        head_batchnorm: BatchNorm in the head's hidden layers (the reference's ``use_bn``); small ViTs
-            need it to escape the collapse to a uniform teacher (`DINOHead`).
+        head_batchnorm: BatchNorm in the head's hidden layers (the reference's ``use_bn``, `DINOHead`); for
+            a small ViT it delays the collapse to a uniform teacher by ~50 steps but does not prevent it
+            (``freeze_head_steps`` does).
+        freeze_head_steps: optimizer steps during which the whole head (MLP and prototypes) keeps its
+            random initialisation, the teacher's with it; ``freeze_last_layer_steps`` extended to the MLP, not in
+            the reference. At small scale (a width-64 ViT, a few hundred steps) a trained head collapses within
+            ~75 steps: its bottleneck output becomes the same for every image (the student's best answer to
+            teacher targets that its other views cannot predict yet), the centred teacher turns uniform and
+            the backbone gets no signal. A fixed random head cannot take that way out, so the loss can only
+            fall by making the backbone's features of different views agree. More steps than the run's: fixed
+            throughout.
+        koleo_weight: weight of DINOv2's KoLeo regulariser (`koleo_loss`, 0.1 in DINOv2) on the student's
+            backbone features of each global view; 0 for none (DINO). It spreads the class tokens, which
+            for a small randomly initialised ViT are nearly the same for every image.
         **kwargs: `ContrastiveLearner` arguments.
     """
 
@@ -362,8 +375,11 @@ class DINO(ContrastiveLearner):
                  student_temperature: float = 0.1, teacher_temperature: float = 0.04,
                  warmup_teacher_temperature: float = 0.04, teacher_temperature_warmup: float = 0.0,
                  center_momentum: float = 0.9, base_momentum: float = 0.996, freeze_last_layer_steps: int = 0,
-                 head_batchnorm: bool = False, **kwargs: Any) -> None:
+                 head_batchnorm: bool = False, freeze_head_steps: int = 0, koleo_weight: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        require_number(koleo_weight, "koleo_weight", source="DINO", low=0.0)
+        require_number(freeze_head_steps, "freeze_head_steps", source="DINO", low=0, integer=True)
         for key, value in (("student_temperature", student_temperature), ("teacher_temperature", teacher_temperature),
                            ("warmup_teacher_temperature", warmup_teacher_temperature)):
             require_number(value, key, source="DINO", low=0.0, low_inclusive=False)
@@ -381,6 +397,8 @@ class DINO(ContrastiveLearner):
         self.center_momentum = center_momentum
         self.base_momentum = base_momentum
         self.freeze_last_layer_steps = freeze_last_layer_steps
+        self.koleo_weight = koleo_weight
+        self.freeze_head_steps = freeze_head_steps
 
     def _encode_local_views(self, local: list[torch.Tensor]) -> torch.Tensor:
         """Student features of the local crops: with ``token_dropout_views="one"`` they keep every token
@@ -404,11 +422,17 @@ class DINO(ContrastiveLearner):
         n_global = self.global_views
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_backbone(torch.cat(views[:n_global]))).chunk(n_global)
-        student = list(self.head(self.encode_global_views(views[:n_global])).chunk(n_global))
+        student_features = self.encode_global_views(views[:n_global])
+        student = list(self.head(student_features).chunk(n_global))
         local = views[n_global:]
         if local:
             student += list(self.head(self._encode_local_views(local)).chunk(len(local)))
         loss = dino_loss(student, teacher, self.center, self.student_temperature, self.teacher_temperature_at(step))
+        if self.koleo_weight > 0:
+            # per global view, as DINOv2: the other view of the same image is not the nearest neighbour
+            koleo = sum(koleo_loss(features) for features in student_features.chunk(n_global))
+            self.log("train/koleo", koleo, on_step=True, on_epoch=False)
+            loss = loss + self.koleo_weight * koleo
         self._update_center(torch.cat(teacher))
         return loss
 
@@ -419,8 +443,11 @@ class DINO(ContrastiveLearner):
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
     def on_after_backward(self) -> None:
-        if self.trainer.global_step < self.freeze_last_layer_steps:
-            for parameter in self.head.last_layer.parameters():
+        step = self.trainer.global_step
+        frozen = self.head if step < self.freeze_head_steps else (
+            self.head.last_layer if step < self.freeze_last_layer_steps else None)
+        if frozen is not None:
+            for parameter in frozen.parameters():
                 parameter.grad = None
 
 

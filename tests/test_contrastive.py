@@ -3,6 +3,7 @@ runs on the digits with the k-NN evaluation."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -22,6 +23,7 @@ from stacktrain.functional.contrastive import (
     dino_loss,
     ema_update,
     knn_predict,
+    koleo_loss,
     moco_contrastive_loss,
     nt_xent_loss,
 )
@@ -105,6 +107,40 @@ def test_rotate_shear_fills_with_the_background_and_keeps_the_stroke():
     stroke = (turned - -0.8).sum() / (image - -0.8).sum()
     assert 0.8 < float(stroke) < 1.2  # the bar's ink is moved, not lost
     assert torch.equal(RandomRotateShear(0, 0)(image), image)
+
+
+def test_koleo_loss_is_minus_the_mean_log_nearest_neighbour_distance():
+    features = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 0.1]])
+    unit = F.normalize(features, dim=1)
+    distances = [float((unit[0] - unit[2]).norm()), float((unit[1] - unit[2]).norm()), float((unit[2] - unit[0]).norm())]
+    assert float(koleo_loss(features)) == pytest.approx(-sum(math.log(d) for d in distances) / 3, rel=1e-5)
+    # spread features cost less than nearly identical ones (a random small ViT's class tokens)
+    torch.manual_seed(0)
+    assert koleo_loss(torch.randn(16, 8)) < koleo_loss(torch.ones(16, 8) + 0.01 * torch.randn(16, 8))
+
+
+def test_dino_options_train_and_bad_choices_are_refused():
+    seed_everything(0)
+    module = DINO(model_name="vit_tiny_patch16_224", in_chans=1, model_kwargs=VIT, out_dim=16, hidden_dim=32,
+                  bottleneck_dim=16, head_batchnorm=True, freeze_head_steps=2,
+                  koleo_weight=0.5)
+    head_before = copy.deepcopy(module.head.state_dict())
+    backbone_before = module.backbone.pos_embed.detach().clone()
+    trainer = fit(module, MultiViewDataModule(DigitsDataModule(batch_size=32)), steps=2)
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert float(trainer.callback_metrics["train/koleo"]) > 0
+    # the frozen head keeps its weights (BatchNorm's running statistics are buffers, not weights)
+    for name, value in module.head.state_dict().items():
+        if "running" not in name and "num_batches" not in name:
+            assert torch.equal(value, head_before[name]), name
+    # and the teacher's head, the EMA of an unchanging head, stays the same up to rounding
+    assert torch.allclose(module.teacher_head.last_layer.parametrizations.weight.original1,
+                          head_before["last_layer.parametrizations.weight.original1"], atol=1e-6)
+    assert not torch.equal(module.backbone.pos_embed, backbone_before)  # the backbone trains
+    with pytest.raises(StackError, match="koleo_weight"):
+        DINO(model_name="vit_tiny_patch16_224", in_chans=1, model_kwargs=VIT, koleo_weight=-1.0)
+    with pytest.raises(StackError, match="freeze_head_steps"):
+        DINO(model_name="vit_tiny_patch16_224", in_chans=1, model_kwargs=VIT, freeze_head_steps=-1)
 
 
 def fit(module, data, callbacks=(), steps=4) -> Trainer:

@@ -19,6 +19,7 @@ __all__ = [
     "nt_xent_loss",
     "moco_contrastive_loss",
     "dino_loss",
+    "koleo_loss",
     "cosine_momentum",
     "ema_update",
     "bn_mlp",
@@ -91,6 +92,20 @@ def dino_loss(
             total = total + torch.sum(-target * log_prob, dim=-1).mean()
             pairs += 1
     return total / pairs
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser (``KoLeoLoss`` in facebookresearch/dinov2, Sablayrolles et al. 2019):
+    minus the mean log distance of each L2-normalised feature ``[B, d]`` to its nearest other feature
+    in the batch. Minimising it spreads the features over the sphere: a direct push against features
+    that are the same for every image (a randomly initialised ViT's class token)."""
+    features = F.normalize(features.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = features @ features.T
+        dots.fill_diagonal_(-2.0)
+        nearest = dots.argmax(dim=1)
+    distances = (features - features[nearest]).norm(dim=-1)
+    return -torch.log(distances + eps).mean()
 
 
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:
