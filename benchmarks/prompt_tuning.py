@@ -70,7 +70,7 @@ SCOPE = [
     "datamodules/",
     "lightning_modules/prompt_tuning.py",
     "lightning_modules/clip_pretrain.py",
-    "stacktrain/functional/prompts.py",
+    "stacktrain/functional/prompt_tuning.py",
     "stacktrain/functional/clip.py",
     "stacktrain/optim.py",
 ]

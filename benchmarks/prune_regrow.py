@@ -58,7 +58,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from stacktrain.callbacks import PruneRegrow  # noqa: E402
 from stacktrain.functional.channel_selection import ChannelPlan  # noqa: E402
-from stacktrain.functional.chex import Budget, uniform_masks  # noqa: E402
+from stacktrain.functional.prune_regrow import Budget, uniform_masks  # noqa: E402
 from stacktrain.functional.compaction import compact_network  # noqa: E402
 from stacktrain.functional.flops import forward_flops  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
@@ -76,8 +76,8 @@ SCOPE = [
     "stacktrain/functional/channel_scores.py",
     "stacktrain/functional/channel_allocation.py",
     "stacktrain/functional/channel_masks.py",
-    "stacktrain/functional/chex.py",
-    "stacktrain/functional/chex_meta.py",
+    "stacktrain/functional/prune_regrow.py",
+    "stacktrain/functional/prune_regrow_meta.py",
     "stacktrain/functional/compaction.py",
     "stacktrain/functional/compact_loader.py",
     "stacktrain/functional/flops.py",

@@ -28,7 +28,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -55,8 +54,8 @@ SCOPE = [
     "stacktrain/stack.py",
     "callbacks/efficiency.py",
     "callbacks/token_dropout.py",
-    "stacktrain/functional/token_drop.py",
-    "stacktrain/functional/acceleration_schedule.py",
+    "stacktrain/functional/token_dropout.py",
+    "stacktrain/functional/token_dropout_schedule.py",
     "stacktrain/functional/contrastive.py",
     "stacktrain/functional/flops.py",
     "stacktrain/search_schedule.py",

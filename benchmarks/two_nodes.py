@@ -53,6 +53,7 @@ SCOPE = [
     "benchmarks/common.py",
     "callbacks/grad_quant.py",
     "stacktrain/functional/quantize.py",
+    "stacktrain/functional/grad_quant.py",
     "stacktrain/stack.py",
     "configs/quickstart.yaml",
     "lightning_modules/classifier.py",

@@ -1,9 +1,9 @@
 """`GradientQuantization`: INT8/INT4 backward with stochastic rounding, MetaGrad hypernetwork or error
 feedback compensation, and k-bit DDP gradient communication.
 
-The math is in `stacktrain.functional.quantize` (quantizers, gradient hooks, the DDP communication
-hook) and `stacktrain.functional.metagrad` (the hypernetwork); this callback decides when to call
-them, keeps their state in checkpoints, logs under ``grad_quant/`` and reports the communicated
+The math is in `stacktrain.functional.grad_quant` (gradient hooks, the DDP communication hook), on the
+number formats of `stacktrain.functional.quantize`, and `stacktrain.functional.grad_quant_hypernet` (the
+hypernetwork); this callback decides when to call them, keeps their state in checkpoints, logs under ``grad_quant/`` and reports the communicated
 bytes to the `EfficiencyReport`.
 """
 
@@ -19,22 +19,17 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-from stacktrain.errors import StackError, require_choice, require_number
-from stacktrain.functional.metagrad import (
+from stacktrain.errors import require_choice, require_number
+from stacktrain.functional.grad_quant_hypernet import (
     HYPERNET_INPUTS,
     HYPERNET_KINDS,
     HYPERNET_TARGETS,
-    MetaGradCompensation,
+    HypernetCompensation,
     default_hidden,
     hypernet_parameter_names,
 )
-from stacktrain.functional.quantize import (
-    ACTIVATION_LAYERS,
-    TARGETS,
-    CompressedCommState,
-    GradientQuantizer,
-    mix_seed,
-    quantized_allgather_hook,
+from stacktrain.functional.grad_quant import (
+    ACTIVATION_LAYERS, TARGETS, CompressedCommState, GradientQuantizer, apply_grad_quant, noise_seed, quantized_allgather_hook,
 )
 from stacktrain.loggers import log_table_with_line
 from stacktrain.stack import BYTES_PER_STEP, STACK_ORDER, Technique, gather_per_rank, is_logging_step
@@ -63,7 +58,7 @@ class GradientQuantization(Technique):
             is added to its next gradient); ``"hypernet"`` (MetaGrad: a shared element-wise
             hypernetwork maps each quantized gradient to the update, and the next loss, through the
             weights that update produced, trains the hypernetwork; see
-            `stacktrain.functional.metagrad`).
+            `stacktrain.functional.grad_quant_hypernet`).
         stochastic_rounding: unbiased stochastic rounding (default) or round to nearest.
         communication_bits: 8 or 4: under DDP, replace the fp32 gradient all-reduce by a k-bit
             all-gather (one scale per parameter) through a DDP communication hook that this callback
@@ -122,7 +117,7 @@ class GradientQuantization(Technique):
         self.seed = seed
         self.validate_settings()
         self.quantizer: GradientQuantizer | None = None
-        self.hypernet: MetaGradCompensation | None = None
+        self.hypernet: HypernetCompensation | None = None
         self.comm: CompressedCommState | None = None
         #: (global step, bytes sent by this rank, bytes of an fp32 all-reduce) per optimizer step
         self.bytes_history: list[list[int]] = []
@@ -205,17 +200,17 @@ class GradientQuantization(Technique):
             self.seed = int(torch.initial_seed() % (2**31))
         self._params = {id(p): name for name, p in named}
         if self.bits is not None:
-            self.quantizer = GradientQuantizer(
-                self.bits, self.targets, stochastic=self.stochastic_rounding,
+            self.quantizer = apply_grad_quant(
+                pl_module, self.bits, self.targets, stochastic=self.stochastic_rounding,
                 error_feedback=self.compensation == "error_feedback",
-            ).attach(pl_module)
+            )
         if self.compensation == "hypernet":
             self._hypernet_names = hypernet_parameter_names(pl_module, self.hypernet_targets)
             if not self._hypernet_names:
                 raise self.error("found no trainable Linear/Conv weight for the hypernetwork", key="hypernet_targets",
                                  value=self.hypernet_targets, fix="use hypernet_targets 'all'")
             hidden = self.hypernet_hidden if self.hypernet_hidden is not None else default_hidden(self.hypernet_kind)
-            self.hypernet = MetaGradCompensation(hidden, self.hypernet_inputs, self.meta_lr, seed=self.seed,
+            self.hypernet = HypernetCompensation(hidden, self.hypernet_inputs, self.meta_lr, seed=self.seed,
                                                  kind=self.hypernet_kind)
         self._step_reached = self._step_taken = False
 
@@ -230,7 +225,7 @@ class GradientQuantization(Technique):
 
     def _detach(self) -> None:
         if self.quantizer is not None:
-            self.quantizer.detach()
+            self.quantizer.remove()
         self.quantizer = None
         self.hypernet = None
         self.comm = None
@@ -263,7 +258,7 @@ class GradientQuantization(Technique):
             return
         self._params = current
         if self.quantizer is not None:
-            self.quantizer.attach(pl_module)  # detaches the old hooks first; keeps the residuals
+            self.quantizer.apply(pl_module)  # removes the old hooks first; keeps the residuals
 
     def on_parameters_replaced(
         self, trainer: Trainer, pl_module: LightningModule, keep: Any
@@ -298,12 +293,12 @@ class GradientQuantization(Technique):
         if trainer.is_global_zero and self.bytes_history:
             self._log_bytes_table(trainer)
         if self.quantizer is not None:
-            self.quantizer.detach()
+            self.quantizer.remove()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         if self.quantizer is not None:
-            self.quantizer.detach()
+            self.quantizer.remove()
 
     # ------------------------------------------------------------------------------- per batch
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -313,7 +308,7 @@ class GradientQuantization(Technique):
         # needs no saved generator state to resume exactly on every rank.
         key = (self.seed, self._rank, trainer.current_epoch, batch_idx)
         if self.quantizer is not None:
-            self.quantizer.reseed(mix_seed(*key, _BACKWARD_STREAM))
+            self.quantizer.reseed(noise_seed(*key, _BACKWARD_STREAM))
             # Measuring the quantization error costs a few passes per tensor: only on logged steps
             # (the same test as Lightning's LearningRateMonitor).
             self.quantizer.track_error = is_logging_step(trainer)
@@ -321,7 +316,7 @@ class GradientQuantization(Technique):
                 scaler = getattr(trainer.precision_plugin, "scaler", None)
                 self.quantizer.loss_scale = float(scaler.get_scale()) if scaler is not None else 1.0
         if self.comm is not None:
-            self.comm.reseed(mix_seed(*key, _COMMUNICATION_STREAM))
+            self.comm.reseed(noise_seed(*key, _COMMUNICATION_STREAM))
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if not self.active:

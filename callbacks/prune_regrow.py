@@ -17,8 +17,8 @@ from torch import nn
 
 from stacktrain.errors import StackError, require_choice, require_number
 from stacktrain.functional.channel_selection import ChannelPlan, cosine_regrow_fraction, mask_digest
-from stacktrain.functional.chex import Budget, decide_masks
-from stacktrain.functional.chex_meta import CHEX_META_VERSION, ChexMeta
+from stacktrain.functional.prune_regrow import Budget, apply_prune_regrow, decide_masks
+from stacktrain.functional.prune_regrow_meta import PRUNE_REGROW_META_VERSION, PruneRegrowMeta
 from stacktrain.functional.compact_loader import config_from_state_dict, channel_config, resize_modules
 from stacktrain.functional.compaction import compact_network, remap_optimizer
 from stacktrain.functional.flops import forward_flops
@@ -63,7 +63,7 @@ class PruneRegrow(Technique):
     channels (residual adds, concatenations, depthwise and grouped convolutions, norms) are found
     with Torch-Pruning's ``DependencyGraph`` anywhere in the LightningModule; channels that are the
     module's outputs (classifier heads) are never pruned. Under DDP rank 0's decision applies on every rank.
-    The update itself is `stacktrain.functional.chex.decide_masks` + ``ChannelPlan.transition``; its
+    The update itself is `stacktrain.functional.prune_regrow.decide_masks` + ``ChannelPlan.transition``; its
     time is logged as ``prune_regrow/update_ms``.
 
     The network is traced on the first training batch when no input shape is known, so a
@@ -228,8 +228,8 @@ class PruneRegrow(Technique):
         self.example_shape = list(example.shape)
         net = self._net(pl_module)
         try:
-            plan = ChannelPlan.build(net, example, ignore=self.ignore, minimum_ratio=self.min_channel_ratio,
-                                     prune_residual=self.prune_residual)
+            plan = apply_prune_regrow(net, example, ignore=self.ignore, minimum_ratio=self.min_channel_ratio,
+                                      prune_residual=self.prune_residual)
         except StackError:
             raise
         except Exception as error:  # the forward pass failed on the example input
@@ -499,10 +499,10 @@ class PruneRegrow(Technique):
         figure.savefig(path)
 
     # --------------------------------------------------------------------------------- state
-    def meta(self) -> ChexMeta:
+    def meta(self) -> PruneRegrowMeta:
         """The run's metadata in the schema `export_compact` reads."""
-        return ChexMeta(
-            version=CHEX_META_VERSION, module_class=self.module_class, traced=self.traced, network=self.network,
+        return PruneRegrowMeta(
+            version=PRUNE_REGROW_META_VERSION, module_class=self.module_class, traced=self.traced, network=self.network,
             input_shape=list(self.example_shape or []), ignore=list(self.ignore), prune_residual=self.prune_residual,
             group_names=list(self.group_names), dense_flops=int(self.dense_flops), compacted=self.compacted,
             compacted_at=self.compacted_at, compact_flops=int(self.compact_flops),
@@ -520,7 +520,7 @@ class PruneRegrow(Technique):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        meta = ChexMeta.from_dict(state_dict, source=type(self).__name__)
+        meta = PruneRegrowMeta.from_dict(state_dict, source=type(self).__name__)
         names = list(meta.group_names)
         if self.group_names and names and names != self.group_names:
             raise StackError(

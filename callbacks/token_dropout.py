@@ -1,7 +1,7 @@
 """`TokenDropout`: scheduled random token dropout and patch scaling for the ViT inside any LightningModule.
 
-The math is in `stacktrain.functional.token_drop` (the modules put into the ViT, the cost model) and
-`stacktrain.functional.acceleration_schedule` (schedules); this callback decides when to compress.
+The math is in `stacktrain.functional.token_dropout` (the modules put into the ViT, the cost model) and
+`stacktrain.functional.token_dropout_schedule` (schedules); this callback decides when to compress.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from stacktrain.errors import StackError, require_number
-from stacktrain.functional.acceleration_schedule import AccelerationSchedule, read_schedule_file
-from stacktrain.functional.token_drop import (
+from stacktrain.functional.token_dropout import (
     PATCH_MODES,
-    SequenceCompression,
+    TokenDropoutHandle,
     ViTCostModel,
+    apply_token_dropout,
     check_patch_scale,
-    install_sequence_compression,
     select_vit,
 )
+from stacktrain.functional.token_dropout_schedule import AccelerationSchedule, first_step_at, read_schedule_file
 from stacktrain.functional.seeding import mix_seed
 from stacktrain.loggers import log_table_with_line
 from stacktrain.stack import (
@@ -56,7 +56,7 @@ class TokenDropout(Technique):
         patch_scale: patches ``patch_scale`` times larger in each direction (a whole number; the
             patch size times the scale must divide the image size).
         schedule: a named shape of the keep ratio over training progress (``constant``, ``step``,
-            ``linear``, ``cosine``; see `stacktrain.functional.acceleration_schedule`) or a list of
+            ``linear``, ``cosine``; see `stacktrain.functional.token_dropout_schedule`) or a list of
             phases ``[{end: 0.6, keep_ratio: 0.5, patch_scale: 2}, {end: 1.0, keep_ratio: 1.0}]``
             (``end`` is a fraction of training; after the last phase the sequence is full).
         until: where ``step``, ``linear`` and ``cosine`` reach the full sequence (fraction of training).
@@ -119,7 +119,7 @@ class TokenDropout(Technique):
         self.vit_path = vit_path
         self.seed = int(seed)
         self.ordered = ordered
-        self.compression: SequenceCompression | None = None
+        self.compression: TokenDropoutHandle | None = None
         self.vit_name: str | None = None
         self.total_steps: int | None = None
         self.last = {"step": -1, "keep_ratio": 1.0, "patch_scale": 1}
@@ -153,7 +153,7 @@ class TokenDropout(Technique):
             self.compression = None
         if self.schedule.is_noop or self._vit is None:
             return
-        self.compression = install_sequence_compression(
+        self.compression = apply_token_dropout(
             self._vit, patch_scaling=self.schedule.max_patch_scale > 1, patch_mode=self.patch_mode,  # type: ignore[arg-type]
             generator=self._generator, ordered=self.ordered, source=type(self).__name__,
         )
@@ -217,7 +217,7 @@ class TokenDropout(Technique):
         else:
             steps = {round(i * last / (points - 1)) for i in range(points)}
             for progress in self.schedule.breakpoints:
-                first = _first_step_at(progress, total)
+                first = first_step_at(progress, total)
                 steps.update(step for step in (first - 1, first) if 0 <= step <= last)
         cost = self.compression.cost_model
         rows: list[dict[str, float | int]] = []
@@ -333,17 +333,6 @@ class TokenDropout(Technique):
         if reinstall and self._vit is not None:
             self._install()
         # The generator is reseeded from (seed, rank, step, batch) at every batch: no state to restore.
-
-
-def _first_step_at(progress: float, total: int) -> int:
-    """The first step whose progress ``step / total`` reaches ``progress`` (the comparison the schedule
-    makes), free of rounding in ``progress * total``."""
-    step = math.ceil(progress * total)
-    while step > 0 and (step - 1) / total >= progress:
-        step -= 1
-    while step / total < progress:
-        step += 1
-    return step
 
 
 def _compiled_graphs() -> int:

@@ -3,13 +3,14 @@
 Every technique's math lives in `stacktrain.functional` as plain torch functions and modules; this
 script uses four of them in ordinary training loops on scikit-learn's digits:
 
-1. token dropping: `install_sequence_compression` puts a token dropper (and patch scaling) into a timm
-   ViT; ``compression.set(keep_ratio, patch_scale)`` changes it between steps, eval sees every token;
-2. gradient quantization: `fake_quantize` on one tensor, `GradientQuantizer` for a whole backward;
-3. channel selection: `ChannelPlan` (coupled channels from Torch-Pruning's dependency graph and the
-   FLOPs of every layer), `explore_group` (CHEX prune and regrow), `compact_network` (remove them);
-4. boosting ensemble: an `EarlyExitNetwork` trained with BoostNet's `exit_losses`, a confidence
-   policy fitted for a FLOPs budget (`fit_budget`) and the real early-exit loop.
+1. token dropping: `apply_token_dropout` puts a token dropper (and patch scaling) into a timm
+   ViT; ``dropout.set(keep_ratio, patch_scale)`` changes it between steps, eval sees every token;
+2. gradient quantization: `fake_quantize` on one tensor, `apply_grad_quant` for a whole backward;
+3. channel selection: `apply_prune_regrow` (a `ChannelPlan`: coupled channels from Torch-Pruning's
+   dependency graph and the FLOPs of every layer), `explore_group` (CHEX prune and regrow),
+   `compact_network` (remove them);
+4. boosting ensemble: an `EarlyExitNetwork` from `apply_early_exit` trained with BoostNet's
+   `exit_losses`, a confidence policy fitted for a FLOPs budget (`fit_budget`) and the real early-exit loop.
 
     python examples/functional_api.py [--steps 200]      # --steps 3 for a smoke test
 """
@@ -24,13 +25,16 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from stacktrain.functional.boosting import budgeted_accuracy, confidences, ensemble_predictions, exit_losses, fit_budget
-from stacktrain.functional.channel_selection import ChannelPlan, explore_group
+from stacktrain.functional.channel_selection import explore_group
 from stacktrain.functional.compaction import compact_network
-from stacktrain.functional.exits import EarlyExitNetwork, StagedBackbone
+from stacktrain.functional.early_exit import (
+    apply_early_exit, budgeted_accuracy, confidences, ensemble_predictions, exit_losses, fit_budget,
+)
 from stacktrain.functional.flops import forward_flops
-from stacktrain.functional.quantize import GradientQuantizer, fake_quantize, relative_error
-from stacktrain.functional.token_drop import install_sequence_compression
+from stacktrain.functional.grad_quant import apply_grad_quant
+from stacktrain.functional.prune_regrow import apply_prune_regrow
+from stacktrain.functional.quantize import fake_quantize, relative_error
+from stacktrain.functional.token_dropout import apply_token_dropout
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,18 +75,18 @@ def accuracy(model: nn.Module, data) -> float:
 def token_dropping(data, steps: int) -> None:
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=16, patch_size=2,
                             embed_dim=64, depth=3, num_heads=4, mlp_ratio=2.0)
-    compression = install_sequence_compression(vit, patch_scaling=True)
+    dropout = apply_token_dropout(vit, patch_scaling=True)
 
     def schedule(step: int) -> None:
         # the first half: 8x8 -> 4x4 patch grid, then half of those 16 tokens; the second half: full
-        compression.set(*((0.5, 2) if step < steps // 2 else (1.0, 1)))
+        dropout.set(*((0.5, 2) if step < steps // 2 else (1.0, 1)))
 
     train(vit, data, steps, before_step=schedule)
-    cost = compression.cost_model
+    cost = dropout.cost_model
     mean_cost = (cost.relative_cost(0.5, 2) * (steps // 2) + (steps - steps // 2)) / steps
     print(f"1. token dropping: tokens per training sample {cost.sequence(0.5, 2)[1]} instead of {cost.sequence()[1]} "
           f"for half of the steps, training FLOPs x{mean_cost:.2f}; val acc (full sequence) {accuracy(vit, data):.3f}")
-    compression.remove()  # the ViT is as it was (same state_dict keys throughout)
+    dropout.remove()  # the ViT is as it was (same state_dict keys throughout)
 
 
 def quantization(data, steps: int) -> None:
@@ -91,11 +95,11 @@ def quantization(data, steps: int) -> None:
         error = relative_error(gradient, fake_quantize(gradient, bits, per_row=True))
         print(f"2. quantization: {bits}-bit, one scale per row, stochastic rounding: relative error {float(error):.3f}")
     model = nn.Sequential(nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
-    quantizer = GradientQuantizer(bits=4, targets="both").attach(model)  # every backward through 4 bits
+    quantizer = apply_grad_quant(model, bits=4, targets="both")  # every backward through 4 bits
     train(model, data, steps)
     print(f"   MLP trained with a 4-bit backward: val acc {accuracy(model, data):.3f}, last relative error "
           f"weights {float(quantizer.mean_relative_error('weights')):.3f}")
-    quantizer.detach()
+    quantizer.remove()
 
 
 def channel_selection(data, steps: int) -> None:
@@ -106,7 +110,7 @@ def channel_selection(data, steps: int) -> None:
                         nn.Flatten(), nn.Linear(64, 10))
     train(cnn, data, steps)
     example = torch.zeros(1, 1, 16, 16)
-    plan = ChannelPlan.build(cnn, example)
+    plan = apply_prune_regrow(cnn, example)
     generator = torch.Generator().manual_seed(0)
     masks = []
     for index, group in enumerate(plan.groups):  # keep 40% of each group by CSS, regrow 10% by residual
@@ -124,8 +128,7 @@ def channel_selection(data, steps: int) -> None:
 
 
 def boosting_ensemble(data, steps: int) -> None:
-    network = EarlyExitNetwork(StagedBackbone("test_resnet", ["layer1", "layer2", "layer3", "layer4"], in_chans=1),
-                               num_classes=10, head_hidden=16)
+    network = apply_early_exit("test_resnet", 10, ["layer1", "layer2", "layer3", "layer4"], head_hidden=16, in_chans=1)
     train(network, data, steps, loss_fn=lambda logits, y: torch.stack(exit_losses(logits, y, "boost")).sum())
     segments, heads = network.exit_costs((1, 16, 16))
     exit_costs = torch.cumsum(segments, 0) + torch.cumsum(heads, 0)  # FLOPs of leaving at each exit

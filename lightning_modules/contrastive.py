@@ -13,7 +13,7 @@ after each optimizer step).
 
 Token dropout is asymmetric by default, as in the paper (Lin et al. 2024): ``token_dropout_views="one"``
 sends the first global view through the student backbone with token dropout and the second with all of
-its tokens (`stacktrain.functional.token_drop.suspend_token_drop`); patch scaling applies to both. The
+its tokens (`stacktrain.functional.token_dropout.suspend_token_dropout`); patch scaling applies to both. The
 two backbone calls' features are concatenated before the projector / head, so the heads (and their
 BatchNorm) see the same batch as with one call. ``"both"`` drops tokens of every view in one backbone
 call. With no token dropout in the backbone (no `TokenDropout`, or keep ratio 1) both settings make the
@@ -45,7 +45,7 @@ from stacktrain.functional.contrastive import (
     moco_contrastive_loss,
     nt_xent_loss,
 )
-from stacktrain.functional.token_drop import drops_tokens, suspend_token_drop
+from stacktrain.functional.token_dropout import token_dropout_active, suspend_token_dropout
 from stacktrain.lightning_modules.classifier import check_data_matches
 from stacktrain.models import create_timm_model
 from stacktrain.optim import configure_optimization, weight_decay_groups
@@ -169,10 +169,10 @@ class ContrastiveLearner(LightningModule, abc.ABC):
         ``backbone(torch.cat(views))``). With ``token_dropout_views="one"`` and token dropout active,
         view 0 goes through the backbone with dropout and the rest in a second call without it (patch
         scaling on in both); otherwise one call."""
-        if self.token_dropout_views == "both" or len(views) < 2 or not drops_tokens(self.backbone):
+        if self.token_dropout_views == "both" or len(views) < 2 or not token_dropout_active(self.backbone):
             return self.backbone(torch.cat(views))
         dropped = self.backbone(views[0])
-        with suspend_token_drop(self.backbone):
+        with suspend_token_dropout(self.backbone):
             full = self.backbone(torch.cat(views[1:]))
         return torch.cat((dropped, full))
 
@@ -405,7 +405,7 @@ class DINO(ContrastiveLearner):
         (patch scaling still applies), with ``"both"`` they are dropped like the global views."""
         if self.token_dropout_views == "both":
             return self.backbone(torch.cat(local))
-        with suspend_token_drop(self.backbone):
+        with suspend_token_dropout(self.backbone):
             return self.backbone(torch.cat(local))
 
     def teacher_temperature_at(self, step: int) -> float:

@@ -12,17 +12,18 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
 from stacktrain.errors import StackError, require_choice, require_number
-from stacktrain.functional.boosting import (
+from stacktrain.functional.early_exit import (
     DEFAULT_WEIGHT,
     FORMS,
     anytime_accuracy,
+    apply_early_exit,
     budgeted_accuracy,
     confidences,
     ensemble_predictions,
     exit_losses,
     fit_budget,
 )
-from stacktrain.functional.exits import EarlyExitNetwork, StagedBackbone
+from stacktrain.functional.early_exit_network import StagedBackbone
 from stacktrain.models import check_input_shape
 from stacktrain.optim import configure_optimization, weight_decay_groups
 from stacktrain.stack import INFERENCE_FLOPS, ModuleTechnique, gather_per_rank, run_dir, unique_path
@@ -43,7 +44,7 @@ class BoostedEarlyExit(ModuleTechnique):
     With ``training="boost"`` (BoostNet) exit ``s`` predicts with the ensemble of heads ``1..s`` and
     its head learns the residual of the detached earlier ensemble; ``"independent"`` trains every head
     on its own (the classic baseline). The ensemble has the reference code's form by default
-    (``G_s = f_s + w G_{s-1}``, ``w = 0.5``); see `stacktrain.functional.boosting`.
+    (``G_s = f_s + w G_{s-1}``, ``w = 0.5``); see `stacktrain.functional.early_exit`.
 
     Validation logs every exit's accuracy (``val/acc_exit{k}``), the ensemble's (``val/acc_ensemble``)
     and fits one early-exit policy (confidence thresholds) per budget on the validation predictions;
@@ -112,11 +113,11 @@ class BoostedEarlyExit(ModuleTechnique):
         require_number(predict_budget, "model.init_args.predict_budget", source=source, low=0.0, high=1.0,
                        low_inclusive=False)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        staged = StagedBackbone(backbone, exits, in_chans=in_chans, pretrained=pretrained, model_kwargs=backbone_kwargs,
-                                source=source)
-        self.network = EarlyExitNetwork(staged, num_classes, head_hidden or None, rescale_gradients)
+        self.network = apply_early_exit(backbone, num_classes, exits, head_hidden=head_hidden or None,
+                                        rescale_gradients=rescale_gradients, in_chans=in_chans, pretrained=pretrained,
+                                        model_kwargs=backbone_kwargs, source=source)
         self.num_exits = self.network.num_exits
-        self.exit_names = staged.exit_names
+        self.exit_names = self.network.backbone.exit_names
         self.mode = training
         self.form = ensemble
         weight = DEFAULT_WEIGHT[ensemble] if ensemble_weight is None else float(ensemble_weight)

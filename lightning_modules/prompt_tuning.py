@@ -1,7 +1,7 @@
 """`PromptTunedCLIP`: CoOp prompt tuning of a frozen open_clip model, robust to noisy labels (PTNL).
 
 Both towers of any open_clip CLIP stay frozen (and in eval mode); only the context vectors of the
-prompt ``[SOS] ctx_1..ctx_M <class name> . [EOT]`` are trained (`stacktrain.functional.prompts`).
+prompt ``[SOS] ctx_1..ctx_M <class name> . [EOT]`` are trained (`stacktrain.functional.prompt_tuning`).
 The module follows PTNL's protocol on the training split of the attached data module: k shots per
 class, optionally with PTNL's seeded label noise (each class keeps k samples, some of them images of
 other classes), or without labels (zero-shot pseudo-labels,
@@ -34,8 +34,8 @@ from stacktrain.functional.clip import (
     encode_images,
     zero_shot_weights,
 )
-from stacktrain.functional.prompts import (
-    PromptLearner,
+from stacktrain.functional.prompt_tuning import (
+    apply_prompt_tuning,
     generalized_cross_entropy,
     noisy_few_shot,
     sample_few_shot,
@@ -204,9 +204,8 @@ class PromptTunedCLIP(ModuleTechnique):
             )
         weights = resolve_pretrained(model_name, pretrained, source=source)
         self.model = create_clip_model(model_name, weights, model_kwargs, source=source)
-        self.model.requires_grad_(False)
         self.tokenizer = clip_tokenizer(model_name)
-        self.prompt = PromptLearner(
+        self.prompt = apply_prompt_tuning(
             self.model, self.tokenizer, class_names, n_ctx=n_ctx, ctx_init=ctx_init,
             class_token_position=class_token_position, class_specific=class_specific_context,
             generator=torch.Generator().manual_seed(seed), source=source, key_prefix=f"{_KEY}.",

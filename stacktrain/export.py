@@ -16,7 +16,7 @@ from torch import nn
 from stacktrain.errors import StackError, require_existing_path
 from stacktrain.functional import compact_loader
 from stacktrain.functional.channel_selection import ChannelPlan
-from stacktrain.functional.chex_meta import ChexMeta
+from stacktrain.functional.prune_regrow_meta import PruneRegrowMeta
 from stacktrain.functional.compact_loader import channel_config, config_from_state_dict, resize_modules
 from stacktrain.functional.compaction import compact_network
 from stacktrain.functional.flops import forward_flops
@@ -38,7 +38,7 @@ def _technique_state(checkpoint: dict[str, Any], path: str) -> dict[str, Any]:
     )
 
 
-def _rebuild_module(meta: ChexMeta, checkpoint: dict[str, Any]) -> nn.Module:
+def _rebuild_module(meta: PruneRegrowMeta, checkpoint: dict[str, Any]) -> nn.Module:
     """The LightningModule of the run, rebuilt from its class and saved hyper-parameters (the weights
     come from the checkpoint, so a ``pretrained`` file is not loaded again)."""
     module_path, _, qualname = meta.module_class.rpartition(".")
@@ -100,7 +100,7 @@ def export_compact(
         raise StackError(f"cannot be read as a checkpoint ({type(error).__name__})", source="export_compact",
                          key="checkpoint", value=path, fix="pass a .ckpt written by a PruneRegrow run") from error
     state = _technique_state(data, path)
-    meta = ChexMeta.from_dict(state, source="export_compact")
+    meta = PruneRegrowMeta.from_dict(state, source="export_compact")
     module = module if module is not None else _rebuild_module(meta, data)
     dense_sizes = channel_config(module)
     weights = data["state_dict"]

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 
 import stacktrain.vgg  # noqa: F401  (registers timm's `stacktrain_vgg`, the benchmarks' CNN)

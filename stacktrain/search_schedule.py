@@ -52,25 +52,25 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 from lightning.pytorch.utilities import rank_zero_info
 
-from stacktrain.callbacks.token_dropout import _first_step_at
 from stacktrain.errors import StackError, require_number
-from stacktrain.functional.acceleration_schedule import (
+from stacktrain.functional.flops import flop_counter
+from stacktrain.functional.token_dropout import (
+    PATCH_MODES,
+    ViTCostModel,
+    apply_token_dropout,
+    check_keep_ratio,
+    check_patch_scale,
+    select_vit,
+)
+from stacktrain.functional.token_dropout_schedule import (
     AccelerationSchedule,
     choose_phases,
     cost_adjusted_error,
     dominated_candidates,
     falling_behind,
+    first_step_at,
     gradient_error_stats,
     write_schedule_file,
-)
-from stacktrain.functional.flops import flop_counter
-from stacktrain.functional.token_drop import (
-    PATCH_MODES,
-    ViTCostModel,
-    check_keep_ratio,
-    check_patch_scale,
-    install_sequence_compression,
-    select_vit,
 )
 
 __all__ = [
@@ -140,7 +140,7 @@ class ProgressCheckpoints(Callback):
                              fix="give a new folder or move the old one away")
         self._total = _total_steps(trainer)
         done = {point for entry in self.entries for point in entry["points"]}
-        self._pending = [(p, _first_step_at(p, self._total)) for p in self.points if p not in done]
+        self._pending = [(p, first_step_at(p, self._total)) for p in self.points if p not in done]
         self._cpu_start = time.process_time()
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -260,7 +260,7 @@ class GradientProbe:
     """Gradients of a module's training loss under candidate compressions, for a module inside a
     running fit (its ``training_step`` may read ``trainer.global_step`` and the strategy).
 
-    It installs its own sequence compression into the ViT (state_dict keys unchanged) until `close`."""
+    It applies its own token dropout to the ViT (state_dict keys unchanged) until `close`."""
 
     def __init__(self, pl_module: LightningModule, candidates: Sequence[tuple[float, int]], *,
                  patch_mode: str = "flexi", vit_path: str | None = None, seed: int = 0) -> None:
@@ -272,7 +272,7 @@ class GradientProbe:
         self.seed = int(seed)
         _, vit = select_vit(pl_module, vit_path, source=SOURCE)
         self.generator = torch.Generator(device=pl_module.device)
-        self.compression = install_sequence_compression(
+        self.compression = apply_token_dropout(
             vit, patch_scaling=any(s > 1 for _, s in self.candidates), patch_mode=patch_mode,  # type: ignore[arg-type]
             generator=self.generator, source=SOURCE)
         self.params = [p for p in pl_module.parameters() if p.requires_grad]

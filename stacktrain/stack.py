@@ -10,10 +10,18 @@ keep the contract of DESIGN.md:
 2. it keeps all of its state in ``state_dict`` / ``load_state_dict``;
 3. it is rank-consistent: schedules read ``trainer.global_step``; random decisions that must agree
    across ranks draw from `step_generator`, and every seed is mixed by
-   `stacktrain.functional.seeding.mix_seed`; values shared between ranks go through one collective,
+   `stacktrain.functional.seeding.mix_seed` (one stated exception: the quantizers' rounding noise keys
+   its streams with `stacktrain.functional.grad_quant.noise_seed`, the hash its published figures were
+   measured with); values shared between ranks go through one collective,
    `gather_per_rank` (every rank's value, by rank: rank 0's decision is its first element, a total
-   its sum);
-4. it logs under its own name (`Technique.log_metric` prefixes ``<name>/``), on the steps the loggers
+   its sum). Not technique decisions and so outside this rule: a model's own math across ranks
+   (the contrastive losses' differentiable ``all_gather``, DINO's centre ``strategy.reduce``) and the
+   run's plumbing (`StackCLI`'s and `ProgressCheckpoints`' ``strategy.broadcast``, `RunGuard`'s
+   ``reduce_boolean_decision``), which use Lightning's public collectives;
+4. it has one name ``<name>`` (``token_dropout``, ``prune_regrow``, ``grad_quant``, ``early_exit``,
+   ``prompt_tuning``): its ``name`` attribute, its file, its functional core
+   ``stacktrain.functional.<name>`` with ``apply_<name>``; it logs under that name
+   (`Technique.log_metric` prefixes ``<name>/``), on the steps the loggers
    write (`is_logging_step`) when a value is costly to compute;
 5. it reports what it saves to the `EfficiencySink` (the `EfficiencyReport` callback) through
    `report_cost` (`Technique.report_cost`, `ModuleTechnique.report_cost`) and nothing else;

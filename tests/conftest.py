@@ -57,14 +57,21 @@ def micro_clip(tmp_path_factory) -> str:
     return random_clip_weights(tmp_path_factory.mktemp("clip"))
 
 
-def make_trainer(root: Any = None, callbacks: Sequence[Any] = (), **overrides: Any) -> Any:
-    """The one Trainer factory of the tests: CPU, one process, quiet (no logger, checkpoints, progress
-    bar or model summary), in ``root``; ``overrides`` win (``max_steps``, ``limit_val_batches``...).
+def make_trainer(root: Any = None, callbacks: Sequence[Any] = (), *, processes: int = 1, **overrides: Any) -> Any:
+    """The one Trainer factory of the tests: CPU, quiet (no logger, checkpoints, progress bar or model
+    summary), in ``root``; one process, or with ``processes=2`` DDP over gloo (as the 2-process drivers
+    run under ``torch.distributed.run``); ``overrides`` win (``max_steps``, ``limit_val_batches``...).
     Test files keep only small helpers that call it with their own defaults."""
     from lightning.pytorch import Trainer
 
-    options: dict[str, Any] = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    options: dict[str, Any] = dict(accelerator="cpu", devices=processes, logger=False, enable_checkpointing=False,
                                    enable_progress_bar=False, enable_model_summary=False)
+    if processes > 1:
+        from datetime import timedelta
+
+        from lightning.pytorch.strategies import DDPStrategy
+
+        options["strategy"] = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=90))
     if root is not None:
         options["default_root_dir"] = str(root)
     options.update(overrides)

@@ -133,6 +133,12 @@ def drive(description: str, names: Sequence[str], run_one: Callable[[str, str, P
         except Exception:  # recorded, and the next run goes on in the same process group
             results[name] = {"status": "error", "error": traceback.format_exc()}
         (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    # Leave the process group before the interpreter does: a gloo group torn down at exit has aborted
+    # a rank now and then ("terminate called without an active exception") after a run that passed.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

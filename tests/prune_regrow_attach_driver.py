@@ -12,19 +12,18 @@ and the rank's own decision), whether it compacted, and a digest of the final we
 from __future__ import annotations
 
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from lightning.pytorch import LightningModule, Trainer, seed_everything
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch import LightningModule, seed_everything
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from conftest import make_trainer  # noqa: E402
 from stacktrain.callbacks import PruneRegrow  # noqa: E402
 
 STATS = ("running_mean", "running_var", "num_batches_tracked")
@@ -62,11 +61,7 @@ def run_one(name: str, clip: str, root: Path) -> dict[str, Any]:
 
     seed_everything(0)
     callback = explorer()
-    trainer = Trainer(
-        accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=90)),
-        max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(root), callbacks=[callback],
-    )
+    trainer = make_trainer(root, [callback], processes=2, max_steps=6)
     module = NetOnly()
     trainer.fit(module, train_dataloaders=tensor_loader())
     weights = {k: v for k, v in module.state_dict().items() if not k.endswith(STATS)}

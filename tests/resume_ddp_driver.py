@@ -26,7 +26,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,10 @@ import torch
 import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import CONFIGS, TINY_VIT  # noqa: E402
+from conftest import CONFIGS, TINY_VIT, make_trainer  # noqa: E402
 from ddp_harness import drive, technique_states  # noqa: E402
 from resume_harness import SignalAt, StopAt  # noqa: E402
 from stack_matrix_driver import cnn_classifier, cnn_early_exit, digest, digits, prompt_tuned, shapes  # noqa: E402
@@ -72,13 +70,7 @@ def python_run(module: Callable[[str], LightningModule], data: Callable[[], Ligh
         seed_everything(seed, verbose=False)
         options = dict(limit_val_batches=0, num_sanity_val_steps=0)
         options.update(trainer_options)
-        trainer = Trainer(
-            accelerator="cpu", devices=2,
-            strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=90)),
-            max_steps=total, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=str(workdir), callbacks=[*techniques(), ExactResume()],
-            **options,
-        )
+        trainer = make_trainer(workdir, [*techniques(), ExactResume()], processes=2, max_steps=total, **options)
         return module(clip), data(), trainer
     return build
 

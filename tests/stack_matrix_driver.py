@@ -23,17 +23,15 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections.abc import Callable, Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from lightning.pytorch.strategies import DDPStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import TINY_VIT  # noqa: E402
+from conftest import TINY_VIT, make_trainer  # noqa: E402
 from ddp_harness import drive, technique_states  # noqa: E402
 from stacktrain.callbacks import EfficiencyReport, GradientQuantization, PruneRegrow, TokenDropout  # noqa: E402
 from stacktrain.datamodules import DigitsDataModule, ShapesDataModule  # noqa: E402
@@ -197,12 +195,9 @@ def run(name: str, clip: str, workdir: Path) -> dict[str, Any]:
     model, data, techniques, probes = RUNS[name](clip)
     report = EfficiencyReport(dirpath=str(workdir / name.replace(" ", "_").replace("+", "_")))
     record = Record(report)
-    trainer = Trainer(
-        accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=90)),
-        max_steps=STEPS, val_check_interval=STEPS, check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(workdir), callbacks=[*techniques, report, record, *probes],
-    )
+    trainer = make_trainer(workdir, [*techniques, report, record, *probes], processes=2, max_steps=STEPS,
+                           val_check_interval=STEPS, check_val_every_n_epoch=None, limit_val_batches=1,
+                           num_sanity_val_steps=0)
     trainer.fit(model, data)
     result = dict(record.result)
     result["order"] = [type(t).__name__ for t in techniques]

@@ -117,7 +117,7 @@ def test_a_benchmark_scope_limits_the_code_its_staleness_follows():
     from benchmarks import early_exit
 
     scoped = common.imported_code(early_exit.SCOPE)
-    assert "lightning_modules/early_exit.py" in scoped and "stacktrain/functional/boosting.py" in scoped
+    assert "lightning_modules/early_exit.py" in scoped and "stacktrain/functional/early_exit.py" in scoped
     # imported through stacktrain.lightning_modules, but another technique's: not its concern
     assert "lightning_modules/contrastive.py" in common.imported_code()
     assert "lightning_modules/contrastive.py" not in scoped

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import CONFIGS
+from conftest import CONFIGS, make_trainer
 from ddp_harness import check, offline_wandb_records, run_cli
 from stacktrain.cli import main
 
@@ -192,7 +192,6 @@ def test_wandb_failing_to_start_falls_back_to_csv(tmp_path):
 def test_wandb_offline_run_holds_every_techniques_keys(tmp_path, stack):
     """WANDB_MODE=offline (conftest): the run file holds each technique's panel group, the early-exit
     budget keys and table, and the efficiency table; in-process, a few steps."""
-    from lightning.pytorch import Trainer
 
     from conftest import TINY_VIT
     from stacktrain.callbacks import EfficiencyReport, GradientQuantization, PruneRegrow, TokenDropout
@@ -216,10 +215,7 @@ def test_wandb_offline_run_holds_every_techniques_keys(tmp_path, stack):
                 b"val/acc_budget_50", b"val/flops_budget_50", b"test/acc_budget_100", b"early_exit/budget_curve",
                 b"early_exit/budget_plot",
                 b"efficiency/prune_regrow/train_flops_step_ratio"]
-    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=4, limit_val_batches=2, limit_test_batches=2,
-                      log_every_n_steps=1,
-                      num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, logger=logger, callbacks=[*callbacks, EfficiencyReport()])
+    trainer = make_trainer(None, [*callbacks, EfficiencyReport()], max_epochs=1, limit_train_batches=4, limit_val_batches=2, limit_test_batches=2, log_every_n_steps=1, num_sanity_val_steps=0, logger=logger)
     data = DigitsDataModule(batch_size=16)
     trainer.fit(model, data)
     if stack != "vit+token_dropout":

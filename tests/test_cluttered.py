@@ -89,14 +89,15 @@ def test_bad_settings_raise_stack_errors(overrides, key):
 
 def test_a_classifier_learns_on_it(tmp_path):
     """A few epochs of the benchmarks' CNN leave chance well behind (the calibration has the real figures)."""
-    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch import seed_everything
+
+    from conftest import make_trainer
 
     from stacktrain.lightning_modules import ImageClassifier
 
     seed_everything(0)
     data = ClutteredDigitsDataModule(train_size=1024, val_size=256, test_size=64, batch_size=64, noise=0.1, clutter=2)
     model = ImageClassifier("stacktrain_vgg", in_chans=1, model_kwargs={"width": 8})
-    trainer = Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = make_trainer(tmp_path, max_epochs=4)
     trainer.fit(model, data)
     assert float(trainer.callback_metrics["val/acc"]) > 0.25  # chance is 0.1

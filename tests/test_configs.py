@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import REPO, random_clip_weights
 
-from stacktrain.functional.acceleration_schedule import AccelerationSchedule, read_schedule_file
+from stacktrain.functional.token_dropout_schedule import AccelerationSchedule, read_schedule_file
 
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))
 #: configs whose model loads the cached tiny CLIP by name (given here as a random tiny CLIP's file, so

@@ -27,7 +27,7 @@ from stacktrain.functional.contrastive import (
     moco_contrastive_loss,
     nt_xent_loss,
 )
-from stacktrain.functional.token_drop import ViTCostModel, install_sequence_compression
+from stacktrain.functional.token_dropout import ViTCostModel, apply_token_dropout
 from stacktrain.lightning_modules import DINO, MoCoV3, SimCLR
 from stacktrain.stack import FLOPS_PER_STEP, TOKENS_PER_SAMPLE
 
@@ -237,7 +237,7 @@ def views_of(method: str, batch: int = 4) -> list[torch.Tensor]:
 def objective_with_dropout(module, views, keep_ratio: float, patch_scale: int = 1):
     """The module's loss on ``views`` with token dropout installed in its student backbone (masks from a
     generator seeded 0), and the (batch, tokens) of every call of the student's and the teacher's first block."""
-    compression = install_sequence_compression(module.backbone, patch_scaling=patch_scale > 1,
+    compression = apply_token_dropout(module.backbone, patch_scaling=patch_scale > 1,
                                                generator=torch.Generator().manual_seed(0))
     compression.set(keep_ratio, patch_scale)
     module._trainer = StubTrainer()
@@ -300,7 +300,7 @@ def test_the_split_backbone_calls_feed_the_projector_one_batch():
     views = views_of("simclr")
     loss, _, _ = objective_with_dropout(make_method("simclr", "one"), views, 0.5)
     module = make_method("simclr", "one")
-    compression = install_sequence_compression(module.backbone, generator=torch.Generator().manual_seed(0))
+    compression = apply_token_dropout(module.backbone, generator=torch.Generator().manual_seed(0))
     module.train()
     compression.set(0.5)
     dropped = module.backbone(views[0])

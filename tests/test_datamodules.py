@@ -287,7 +287,7 @@ def test_shards_without_metadata_need_num_classes(digit_shards, tmp_path):
 
 
 def test_training_from_shards(digit_shards, tmp_path, tiny_vit_kwargs):
-    from lightning.pytorch import Trainer
+    from conftest import make_trainer
 
     from stacktrain.lightning_modules import ImageClassifier
 
@@ -296,8 +296,7 @@ def test_training_from_shards(digit_shards, tmp_path, tiny_vit_kwargs):
         image_size=16, channels=1, batch_size=32,
     )
     model = ImageClassifier("vit_tiny_patch16_224", in_chans=1, model_kwargs=tiny_vit_kwargs)
-    trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=6, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_train_batches=6)
     trainer.fit(model, dm)
     assert trainer.global_step == 6
     # the logged accuracy is the model's on the validation shards (recounted here sample by sample)

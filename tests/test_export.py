@@ -15,7 +15,7 @@ from conftest import make_trainer
 from ddp_harness import subprocess_env
 from resume_harness import load_checkpoint_weights_only
 from stacktrain.callbacks import PruneRegrow
-from stacktrain.functional.chex_meta import ChexMeta
+from stacktrain.functional.prune_regrow_meta import PruneRegrowMeta
 from stacktrain.lightning_modules import ImageClassifier
 from test_prune_regrow import MODEL, fit
 
@@ -93,6 +93,6 @@ def test_export_rebuilds_a_module_saved_through_the_cli():
 
     hparams = {"_class_path": "stacktrain.lightning_modules.ImageClassifier", "_instantiator": "x",
                "model_name": MODEL, "in_chans": 1, "num_classes": 10, "pretrained": "/no/such/file.pth"}
-    module = _rebuild_module(ChexMeta(module_class="stacktrain.lightning_modules.classifier.ImageClassifier"),
+    module = _rebuild_module(PruneRegrowMeta(module_class="stacktrain.lightning_modules.classifier.ImageClassifier"),
                              {"hyper_parameters": hparams})
     assert isinstance(module, ImageClassifier) and module.hparams.model_name == MODEL

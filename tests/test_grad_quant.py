@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from conftest import CONFIGS, make_trainer
 from ddp_harness import assert_states_equal, check, load_rank_states, offline_wandb_records, run_ddp
 from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only, stop_and_resume
-from stacktrain.callbacks import EfficiencyReport, ExactResume, GradientQuantization
+from stacktrain.callbacks import ExactResume, GradientQuantization
 from stacktrain.cli import main
 from stacktrain.datamodules import DigitsDataModule
 from stacktrain.errors import StackError

@@ -9,19 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from stacktrain.errors import StackError
-from stacktrain.functional.metagrad import GradientHyperNetwork, MetaGradCompensation, hypernet_parameter_names
+from stacktrain.functional.grad_quant_hypernet import GradientHyperNetwork, HypernetCompensation, hypernet_parameter_names
+from stacktrain.functional.grad_quant import GradientQuantizer, apply_grad_quant, noise_seed
 from stacktrain.functional.quantize import (
-    GradientQuantizer,
-    dequantize,
-    fake_quantize,
-    max_code,
-    mix_seed,
-    pack_codes,
-    pack_int4,
-    payload_bytes,
-    quantize,
-    relative_error,
-    unpack_codes,
+    dequantize, fake_quantize, max_code, pack_codes, pack_int4, payload_bytes, quantize, relative_error, unpack_codes,
     unpack_int4,
 )
 
@@ -115,9 +106,9 @@ def test_int8_payload_is_one_byte_per_code():
     assert torch.equal(unpack_codes(payload, 8, 77), codes)
 
 
-def test_mix_seed_is_deterministic_and_separates_keys():
-    assert mix_seed(0, 1, 2) == mix_seed(0, 1, 2)
-    seeds = {mix_seed(0, rank, 0, batch) for rank in range(4) for batch in range(100)}
+def test_noise_seed_is_deterministic_and_separates_keys():
+    assert noise_seed(0, 1, 2) == noise_seed(0, 1, 2)
+    seeds = {noise_seed(0, rank, 0, batch) for rank in range(4) for batch in range(100)}
     assert len(seeds) == 400
 
 
@@ -147,13 +138,13 @@ def test_weight_hooks_quantize_every_trainable_gradient_and_skip_frozen():
     torch.manual_seed(0)
     model, x, y = Net(), torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
     reference = grads_of(model, x, y)
-    quantizer = GradientQuantizer(4, "weights", stochastic=False).attach(model)
+    quantizer = apply_grad_quant(model, 4, "weights", stochastic=False)
     got = grads_of(model, x, y, quantizer)
     assert set(got) == set(reference) == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}
     for name in got:
         assert torch.allclose(got[name], fake_quantize(reference[name], 4, stochastic=False), atol=1e-7), name
         assert len(torch.unique(got[name])) <= 15
-    quantizer.detach()
+    quantizer.remove()
     assert all(torch.equal(a, b) for a, b in zip(grads_of(model, x, y).values(), reference.values()))
 
 
@@ -161,11 +152,11 @@ def test_activation_hooks_quantize_the_gradient_entering_each_layer():
     """Quantizing the output gradient of fc per row, by hand, gives the same weight gradients."""
     torch.manual_seed(0)
     model, x, y = Net(), torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
-    quantizer = GradientQuantizer(4, "activations", stochastic=False).attach(model)
+    quantizer = apply_grad_quant(model, 4, "activations", stochastic=False)
     assert quantizer.layers == ["conv", "fc"]  # the frozen linear is not hooked
     got = grads_of(model, x, y, quantizer)
     # by hand: forward without hooks, quantize d loss / d fc-output per row, backpropagate
-    quantizer.detach()
+    quantizer.remove()
     features = model.relu(model.conv(x)).flatten(1)
     out = model.fc(features)
     grad_out = torch.autograd.grad(F.cross_entropy(model.frozen(out), y), out, retain_graph=True)[0]
@@ -179,7 +170,7 @@ def test_activation_hooks_quantize_the_gradient_entering_each_layer():
 def test_stochastic_rounding_is_reproducible_from_the_seed():
     torch.manual_seed(0)
     model, x, y = Net(), torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
-    quantizer = GradientQuantizer(4, "both").attach(model)
+    quantizer = apply_grad_quant(model, 4, "both")
     a, b, c = (grads_of(model, x, y, quantizer, seed) for seed in (5, 5, 6))
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not all(torch.equal(a[n], c[n]) for n in a)
@@ -189,7 +180,7 @@ def test_gradient_accumulation_sums_dequantized_micro_batch_gradients():
     torch.manual_seed(0)
     model = Net()
     batches = [(torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))) for _ in range(2)]
-    quantizer = GradientQuantizer(4, "weights").attach(model)
+    quantizer = apply_grad_quant(model, 4, "weights")
     parts = [grads_of(model, x, y, quantizer, seed=i) for i, (x, y) in enumerate(batches)]
     model.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(batches):
@@ -205,7 +196,7 @@ def test_error_feedback_carries_the_residual_and_tracks_the_sum():
     param = nn.Parameter(torch.zeros(256))
     model = nn.Module()
     model.p = param
-    quantizer = GradientQuantizer(2, "weights", stochastic=False, error_feedback=True).attach(model)
+    quantizer = apply_grad_quant(model, 2, "weights", stochastic=False, error_feedback=True)
     plain = GradientQuantizer(2, "weights", stochastic=False)
     g = torch.randn(256, generator=generator()) * torch.logspace(-3, 0, 256)
     total_true, total_ef, total_plain = torch.zeros(256), torch.zeros(256), torch.zeros(256)
@@ -228,7 +219,7 @@ def test_error_feedback_with_stochastic_rounding_keeps_the_exact_sum_and_beats_p
     param = nn.Parameter(torch.zeros(64))
     model = nn.Module()
     model.p = param
-    quantizer = GradientQuantizer(2, "weights", stochastic=True, error_feedback=True).attach(model)
+    quantizer = apply_grad_quant(model, 2, "weights", stochastic=True, error_feedback=True)
     plain = GradientQuantizer(2, "weights", stochastic=True)
     quantizer.reseed(1)
     plain.reseed(1)
@@ -254,7 +245,7 @@ def test_error_feedback_with_stochastic_rounding_keeps_the_exact_sum_and_beats_p
 def test_error_feedback_rollback_and_loss_scale():
     model = nn.Module()
     model.p = nn.Parameter(torch.zeros(4))
-    quantizer = GradientQuantizer(2, "weights", stochastic=False, error_feedback=True).attach(model)
+    quantizer = apply_grad_quant(model, 2, "weights", stochastic=False, error_feedback=True)
     g = torch.tensor([1.0, 0.3, -0.2, 0.05])
     quantizer.quantize_weight_gradient("p", g)
     quantizer.commit()
@@ -263,7 +254,7 @@ def test_error_feedback_rollback_and_loss_scale():
     quantizer.rollback()
     assert torch.equal(quantizer.residuals["p"], committed)
     # residuals are stored unscaled: the same gradient at loss scale 1024 leaves the same residual
-    scaled = GradientQuantizer(2, "weights", stochastic=False, error_feedback=True).attach(model)
+    scaled = apply_grad_quant(model, 2, "weights", stochastic=False, error_feedback=True)
     scaled.loss_scale = 1024.0
     scaled.quantize_weight_gradient("p", g * 1024)
     scaled.commit()
@@ -323,13 +314,13 @@ def test_hypernet_targets_pick_conv_and_linear_weights():
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 def test_meta_gradient_equals_building_the_update_into_the_next_forward(kind):
-    """The hypernetwork's gradient from `MetaGradCompensation` equals the one autograd gives when
+    """The hypernetwork's gradient from `HypernetCompensation` equals the one autograd gives when
     the next forward uses w_next = w - lr * H(g) (MetaQuant's injection, via functional_call)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     x1, y1, x2, y2 = torch.randn(16, 5), torch.randint(0, 3, (16,)), torch.randn(16, 5), torch.randint(0, 3, (16,))
     lr = 0.1
-    meta = MetaGradCompensation(hidden=4, seed=3, kind=kind)
+    meta = HypernetCompensation(hidden=4, seed=3, kind=kind)
     with torch.no_grad():
         meta.net.output.weight.normal_(generator=generator(4))  # not the identity any more
     reference_net = GradientHyperNetwork(4, generator=generator(), kind=kind)
@@ -352,7 +343,7 @@ def test_meta_gradient_equals_building_the_update_into_the_next_forward(kind):
     loss2 = F.cross_entropy(torch.func.functional_call(model, injected, (x2,)), y2)
     expected = torch.autograd.grad(loss2, list(reference_net.parameters()))
 
-    # MetaGradCompensation: the same gradient from the next step's ordinary gradients
+    # HypernetCompensation: the same gradient from the next step's ordinary gradients
     model.zero_grad()
     F.cross_entropy(model(x2), y2).backward()
     meta.optimizer.zero_grad()
@@ -366,7 +357,7 @@ def test_meta_gradient_equals_building_the_update_into_the_next_forward(kind):
 def test_transform_trains_the_hypernetwork_and_commit_rollback():
     torch.manual_seed(0)
     p = nn.Parameter(torch.randn(50))
-    meta = MetaGradCompensation(hidden=4, seed=0)
+    meta = HypernetCompensation(hidden=4, seed=0)
     before = [t.clone() for t in meta.net.parameters()]
     p.grad = torch.randn(50)
     assert meta.transform([("p", p, 0.1)])
@@ -384,7 +375,7 @@ def test_transform_trains_the_hypernetwork_and_commit_rollback():
 
 def test_non_finite_gradients_leave_the_hypernetwork_alone():
     p = nn.Parameter(torch.randn(10))
-    meta = MetaGradCompensation(hidden=4, seed=0)
+    meta = HypernetCompensation(hidden=4, seed=0)
     p.grad = torch.randn(10)
     meta.transform([("p", p, 0.1)])
     meta.commit()
@@ -404,9 +395,9 @@ def amp_run(quantize_grads: bool, compensation: str, nan_step: int = 2, steps: i
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    quantizer = (GradientQuantizer(4, "both", error_feedback=compensation == "error_feedback").attach(model)
+    quantizer = (apply_grad_quant(model, 4, "both", error_feedback=compensation == "error_feedback")
                  if quantize_grads else None)
-    meta = MetaGradCompensation(hidden=4, seed=0) if compensation == "hypernet" else None
+    meta = HypernetCompensation(hidden=4, seed=0) if compensation == "hypernet" else None
     named = [(n, p, 0.1) for n, p in model.named_parameters()]
     data = torch.Generator().manual_seed(1)
     history = []
@@ -466,7 +457,7 @@ def single_process_group(tmp_path):
 
 @pytest.mark.parametrize(("bits", "bound"), [(8, 0.27), (4, 0.14)])
 def test_compressed_hook_sends_k_bit_codes_and_one_scale_per_parameter(single_process_group, bits, bound):
-    from stacktrain.functional.quantize import CompressedCommState, quantized_allgather_hook
+    from stacktrain.functional.grad_quant import CompressedCommState, quantized_allgather_hook
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -495,7 +486,7 @@ def test_compressed_hook_sends_k_bit_codes_and_one_scale_per_parameter(single_pr
 def test_compressed_hook_result_does_not_depend_on_the_bucket_layout(single_process_group):
     """One scale and one noise stream per parameter: the same gradients whether DDP puts all
     parameters in one bucket or each in its own (a resumed run's fresh DDP groups them otherwise)."""
-    from stacktrain.functional.quantize import CompressedCommState, quantized_allgather_hook
+    from stacktrain.functional.grad_quant import CompressedCommState, quantized_allgather_hook
 
     results = []
     for bucket_cap_mb in (25.0, 0.0001):
@@ -518,7 +509,7 @@ def test_compressed_hook_result_does_not_depend_on_the_bucket_layout(single_proc
 
 
 def test_compressed_hook_turns_a_non_finite_bucket_into_nan_for_the_grad_scaler(single_process_group):
-    from stacktrain.functional.quantize import CompressedCommState, quantized_allgather_hook
+    from stacktrain.functional.grad_quant import CompressedCommState, quantized_allgather_hook
 
     model = nn.Linear(4, 2)
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -533,7 +524,7 @@ def test_compressed_hook_turns_a_non_finite_bucket_into_nan_for_the_grad_scaler(
 def test_compressed_hook_gives_each_parameter_exactly_its_own_quantization(single_process_group, stochastic):
     """The whole-bucket hook sends, per parameter, exactly `quantize` with that parameter's own scale and
     its own seeded noise stream (so exact resume and the bucket-layout independence hold)."""
-    from stacktrain.functional.quantize import CompressedCommState, _Generators, quantized_allgather_hook
+    from stacktrain.functional.grad_quant import _Generators, CompressedCommState, quantized_allgather_hook
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
@@ -554,8 +545,8 @@ def test_compressed_hook_gives_each_parameter_exactly_its_own_quantization(singl
         assert torch.equal(parameter.grad.flatten(), dequantize(q))
 
 
-def test_metagrad_cut_keeps_the_last_updates_of_the_kept_channels():
-    hypernet = MetaGradCompensation(hidden=4)
+def test_hypernet_cut_keeps_the_last_updates_of_the_kept_channels():
+    hypernet = HypernetCompensation(hidden=4)
     weight = nn.Parameter(torch.randn(4, 3))
     weight.grad = torch.arange(12.0).reshape(4, 3)
     hypernet.transform([("w", weight, 0.1)])

@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_every
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import REPO
+from conftest import REPO, make_trainer
 from stacktrain.callbacks import GradientQuantization, NonFiniteGuard, PruneRegrow, TokenDropout
 from stacktrain.functional.quantize import max_code
 from stacktrain.lightning_modules import BoostedEarlyExit, ImageClassifier, PromptTunedCLIP
@@ -207,10 +207,7 @@ ACCUMULATES_EXACTLY = {
 def run_accumulated(make_module, make_callbacks, tmp_path, micro: bool, steps: int = 2):
     seed_everything(0)
     module = make_module()
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=str(tmp_path), accumulate_grad_batches=2 if micro else 1,
-                      callbacks=make_callbacks())
+    trainer = make_trainer(str(tmp_path), make_callbacks(), max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, accumulate_grad_batches=2 if micro else 1)
     trainer.fit(module, datamodule=duplicated_batches(micro, steps=steps))
     assert trainer.global_step == steps
     return module, trainer
@@ -275,9 +272,7 @@ def test_prompt_tuning_accumulates_exactly_on_different_micro_batches(tmp_path, 
         seed_everything(0)
         model = PromptTunedCLIP("stacktrain-micro-clip", pretrained=micro_clip, n_ctx=4, shots=4, optimizer=sgd)
         data = ShapesDataModule(train_size=120, val_size=40, test_size=40, batch_size=batch_size)
-        trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, limit_val_batches=0, num_sanity_val_steps=0,
-                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                          enable_model_summary=False, default_root_dir=str(tmp_path), accumulate_grad_batches=accumulate)
+        trainer = make_trainer(str(tmp_path), max_steps=2, limit_val_batches=0, num_sanity_val_steps=0, accumulate_grad_batches=accumulate)
         trainer.fit(model, data)
         assert trainer.global_step == 2
         return model

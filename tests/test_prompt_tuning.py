@@ -18,7 +18,7 @@ from stacktrain.callbacks import EfficiencyReport, ExactResume
 from stacktrain.datamodules import DigitsDataModule, ShapesDataModule
 from stacktrain.errors import StackError
 from stacktrain.functional.clip import clip_logits, create_clip_model, encode_images
-from stacktrain.functional.prompts import top_confident_per_class
+from stacktrain.functional.prompt_tuning import top_confident_per_class
 from stacktrain.lightning_modules import PromptTunedCLIP
 from stacktrain.lightning_modules.prompt_tuning import CachedFeatures, FewShotView
 from stacktrain.stack import FLOPS_PER_STEP, Technique
@@ -242,8 +242,7 @@ def test_stop_and_resume_gives_identical_prompts(micro_clip, tmp_path):
     other = tmp_path / "other.pt"
     torch.manual_seed(1)
     torch.save(create_clip_model("stacktrain-micro-clip").state_dict(), other)
-    trainer = Trainer(accelerator="cpu", max_steps=12, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = make_trainer(max_steps=12, limit_val_batches=0)
     with pytest.raises(StackError, match="holds weights other than those the checkpoint's prompt was tuned on"):
         trainer.fit(tuned(str(other), label_noise=0.25, loss="gce"), shapes(augment=True), ckpt_path=runs.checkpoint)
 

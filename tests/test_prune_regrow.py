@@ -11,7 +11,7 @@ from functools import partial
 import pytest
 import torch
 import torchvision
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import LightningModule, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import TINY_VIT, make_trainer
@@ -20,7 +20,7 @@ from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only,
 from stacktrain.callbacks import EfficiencyReport, ExactResume, PruneRegrow
 from stacktrain.datamodules import DigitsDataModule
 from stacktrain.errors import StackError
-from stacktrain.functional.chex_meta import CHEX_META_VERSION, ChexMeta
+from stacktrain.functional.prune_regrow_meta import PRUNE_REGROW_META_VERSION, PruneRegrowMeta
 from stacktrain.functional.flops import forward_flops
 from stacktrain.lightning_modules import ImageClassifier
 from stacktrain.stack import FLOPS_PER_STEP, INFERENCE_FLOPS, INFERENCE_FLOPS_AVERAGE
@@ -164,9 +164,7 @@ def test_any_lightning_module_with_a_torchvision_network(tmp_path):
                            compact_after_explore=True)
     seed_everything(0)
     module = PlainModule()
-    trainer = Trainer(accelerator="cpu", max_steps=8, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[explorer],
-                      default_root_dir=str(tmp_path))
+    trainer = make_trainer(str(tmp_path), [explorer], max_steps=8)
     trainer.fit(module, DigitsDataModule(image_size=16, channels=3, batch_size=32))
     assert explorer.network == "net" and explorer.compacted and trainer.global_step == 8
     assert explorer.history[-1]["channel_sparsity"] == pytest.approx(0.5, abs=0.02)
@@ -185,8 +183,7 @@ def test_no_op_budget_changes_nothing(tmp_path):
 def test_model_without_prunable_convolutions_fails_before_the_first_batch(tmp_path):
     Steps.steps = 0
     vit = Steps("vit_tiny_patch16_224", in_chans=1, model_kwargs=TINY_VIT)
-    trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, callbacks=[PruneRegrow()], default_root_dir=str(tmp_path))
+    trainer = make_trainer(str(tmp_path), [PruneRegrow()], max_steps=3)
     with pytest.raises(StackError, match=r"PruneRegrow: model='Steps' has no prunable convolution") as error:
         trainer.fit(vit, make_data())
     assert "Fix: use a CNN" in str(error.value)
@@ -195,17 +192,13 @@ def test_model_without_prunable_convolutions_fails_before_the_first_batch(tmp_pa
 
 def test_unreachable_budget_fails_before_the_first_batch_with_or_without_an_input_shape(tmp_path):
     Steps.steps = 0
-    trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, default_root_dir=str(tmp_path),
-                      callbacks=[PruneRegrow(target_flops_ratio=0.02, min_channel_ratio=0.5)])
+    trainer = make_trainer(str(tmp_path), [PruneRegrow(target_flops_ratio=0.02, min_channel_ratio=0.5)], max_steps=3)
     with pytest.raises(StackError, match=r"target_flops_ratio=0.02 cannot be reached.*Fix: use a budget of at least"):
         trainer.fit(Steps(MODEL, in_chans=1), make_data())
     assert Steps.steps == 0
     # traced on the first batch (no input shape known): the budget still fails before training_step
     loader = DataLoader(TensorDataset(torch.zeros(8, 1, 16, 16), torch.zeros(8, dtype=torch.long)), batch_size=4)
-    trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, default_root_dir=str(tmp_path),
-                      callbacks=[PruneRegrow(target_flops_ratio=0.02, min_channel_ratio=0.5)])
+    trainer = make_trainer(str(tmp_path), [PruneRegrow(target_flops_ratio=0.02, min_channel_ratio=0.5)], max_steps=3)
     with pytest.raises(StackError, match=r"target_flops_ratio=0.02 cannot be reached"):
         trainer.fit(Steps(MODEL, in_chans=1), train_dataloaders=loader)
     assert Steps.steps == 0
@@ -217,9 +210,7 @@ def test_attaches_in_one_line_to_a_module_without_forward_and_a_plain_loader(tmp
     seed_everything(0)
     callback, module = explorer(), NetOnly()
     dense = forward_flops(module.net, torch.zeros(1, 1, 16, 16))
-    trainer = Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                      callbacks=[callback])
+    trainer = make_trainer(str(tmp_path), [callback], max_steps=6)
     trainer.fit(module, train_dataloaders=tensor_loader())
     assert callback.traced == "net" and callback.network == "net" and callback.example_shape == [1, 1, 16, 16]
     assert callback.group_names[0] == "conv1.0"  # names inside the traced network
@@ -251,16 +242,17 @@ def test_two_candidate_networks_ask_for_module_name_before_the_first_batch(tmp_p
     from prune_regrow_attach_driver import tensor_loader
 
     Steps.steps = 0
-    options = dict(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, default_root_dir=str(tmp_path))
+    def trainer(callback: PruneRegrow):
+        return make_trainer(tmp_path, [callback], max_steps=1)
+
     with pytest.raises(StackError, match=r"module_name=None.*2 submodules hold convolutions.*teacher \(2 conv\), "
                                          r"student \(2 conv\).*Fix: pass module_name"):
-        Trainer(callbacks=[PruneRegrow()], **options).fit(TwoNets(), train_dataloaders=tensor_loader())
+        trainer(PruneRegrow()).fit(TwoNets(), train_dataloaders=tensor_loader())
     assert Steps.steps == 0
     with pytest.raises(StackError, match=r"module_name='pupil' is not a submodule"):
-        Trainer(callbacks=[PruneRegrow(module_name="pupil")], **options).fit(TwoNets(), train_dataloaders=tensor_loader())
+        trainer(PruneRegrow(module_name="pupil")).fit(TwoNets(), train_dataloaders=tensor_loader())
     callback = PruneRegrow(module_name="student", min_channel_ratio=0.1)
-    Trainer(callbacks=[callback], **options).fit(TwoNets(), train_dataloaders=tensor_loader())
+    trainer(callback).fit(TwoNets(), train_dataloaders=tensor_loader())
     assert callback.traced == "student" and callback.group_names[0] == "0" and len(callback.history) == 1
 
 
@@ -282,18 +274,18 @@ def test_bad_settings_name_the_key(kwargs, key):
 
 
 def test_checkpoint_metadata_is_one_versioned_schema(tmp_path):
-    """The callback's state and `export_compact` read the same `ChexMeta`; another version is refused."""
+    """The callback's state and `export_compact` read the same `PruneRegrowMeta`; another version is refused."""
     from stacktrain.export import export_compact
 
     explorer = PruneRegrow(target_flops_ratio=0.5, update_every=2, update_unit="step", explore_until=0.5,
                            prune_residual=False)
     fit([explorer], 4, tmp_path)
     state = explorer.state_dict()
-    meta = ChexMeta.from_dict(state)
-    assert meta.version == CHEX_META_VERSION == state["version"] == 2
+    meta = PruneRegrowMeta.from_dict(state)
+    assert meta.version == PRUNE_REGROW_META_VERSION == state["version"] == 2
     assert meta.group_names == explorer.group_names and meta.prune_residual is False and meta.traced == ""
     assert meta.input_shape == [1, 1, 16, 16] and meta.network == "model" and meta.dense_flops == explorer.dense_flops
-    assert ChexMeta.from_dict({**state, "version": 1}).group_names == meta.group_names  # version 1 still reads
+    assert PruneRegrowMeta.from_dict({**state, "version": 1}).group_names == meta.group_names  # version 1 still reads
     with pytest.raises(StackError, match=r"PruneRegrow: version=3 of the PruneRegrow state is not one"):
         PruneRegrow().load_state_dict({**state, "version": 3})
     checkpoint = {"callbacks": {"PruneRegrow": {**state, "version": 7}}, "state_dict": {}, "hyper_parameters": {}}
@@ -357,9 +349,7 @@ def test_an_extended_run_replans_exploration_over_its_new_length(tmp_path):
     assert first.schedule == {"total_steps": 8, "t_max": 6, "interval": 2}
     checkpoint = str(next((tmp_path / "ck").glob("*step=4*.ckpt")))
     longer, guard = explorer(), RunGuard()
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=16, limit_val_batches=0, num_sanity_val_steps=0,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[longer, guard])
+    trainer = make_trainer(str(tmp_path), [longer, guard], max_steps=16, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(make_module(), make_data(), ckpt_path=checkpoint)
     assert trainer.global_step == 16
     assert longer.schedule == {"total_steps": 16, "t_max": 12, "interval": 2}

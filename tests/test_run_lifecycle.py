@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from lightning.pytorch import Trainer
 
-from conftest import CONFIGS
+from conftest import CONFIGS, make_trainer
 from ddp_harness import assert_states_equal
 
 from stacktrain.cli import main
@@ -79,9 +78,7 @@ def test_a_schedule_that_cannot_be_replanned_is_refused_before_the_first_batch(t
     def run(steps: int, callbacks: list, **fit_kwargs: Any) -> ImageClassifier:
         module = ImageClassifier("vit_tiny_patch16_224", in_chans=1, model_kwargs=yaml.safe_load(TINY),
                                  lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR))
-        Trainer(accelerator="cpu", max_steps=steps, logger=False, limit_val_batches=0, enable_progress_bar=False,
-                enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[RunGuard(), *callbacks]
-                ).fit(module, DigitsDataModule(batch_size=64), **fit_kwargs)
+        make_trainer(str(tmp_path), [RunGuard(), *callbacks], max_steps=steps, limit_val_batches=0, enable_checkpointing=True).fit(module, DigitsDataModule(batch_size=64), **fit_kwargs)
         return module
 
     run(4, [ModelCheckpoint(dirpath=str(tmp_path), save_top_k=-1, every_n_train_steps=4)])
@@ -276,8 +273,7 @@ def test_in_a_terminal_the_bar_shows_the_whole_runs_eta_and_no_lines_are_printed
 
     bar, progress = TQDMProgressBar(), ProgressLog(force=False, every_n_steps=1, first_after_seconds=0)
     module = ImageClassifier("vit_tiny_patch16_224", in_chans=1, model_kwargs=yaml.safe_load(TINY))
-    trainer = Trainer(accelerator="cpu", max_steps=4, logger=False, limit_val_batches=0, enable_model_summary=False,
-                      enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[bar, progress])
+    trainer = make_trainer(str(tmp_path), [bar, progress], max_steps=4, limit_val_batches=0, enable_progress_bar=True)
     trainer.fit(module, DigitsDataModule(batch_size=64))
     metrics = bar.get_metrics(trainer, module)
     assert re.fullmatch(r"\d+:\d\d:\d\d", metrics["run ETA"]) and metrics["run ETA"] == "0:00:00"  # 4 of 4 done

@@ -276,3 +276,33 @@ def test_flops_outside_vit_is_declared_by_module_techniques_only():
 
     assert flops_outside_vit(Plain()) == 0.0
     assert flops_outside_vit(Declared()) == 456.0
+
+
+# ------------------------------------------------------------------------------ one name per technique
+TECHNIQUE_NAMES = {
+    "token_dropout": ("stacktrain.callbacks", "TokenDropout", "callbacks"),
+    "prune_regrow": ("stacktrain.callbacks", "PruneRegrow", "callbacks"),
+    "grad_quant": ("stacktrain.callbacks", "GradientQuantization", "callbacks"),
+    "early_exit": ("stacktrain.lightning_modules", "BoostedEarlyExit", "lightning_modules"),
+    "prompt_tuning": ("stacktrain.lightning_modules", "PromptTunedCLIP", "lightning_modules"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TECHNIQUE_NAMES))
+def test_every_technique_has_one_name(name):
+    """One name ``N`` per technique (Composer's scheme): the public class logs and reports as ``N``, its
+    Lightning file is ``N.py``, its functional core ``stacktrain.functional.N`` installs it with
+    ``apply_N``, and its tests and benchmark are ``tests/test_N*.py`` and ``benchmarks/N.py``."""
+    import importlib
+    import inspect
+    from pathlib import Path
+
+    package, class_name, folder = TECHNIQUE_NAMES[name]
+    cls = getattr(importlib.import_module(package), class_name)
+    assert cls.name == name
+    assert Path(inspect.getfile(cls)).name == f"{name}.py" and Path(inspect.getfile(cls)).parent.name == folder
+    functional = importlib.import_module(f"stacktrain.functional.{name}")
+    assert callable(getattr(functional, f"apply_{name}", None)) and f"apply_{name}" in functional.__all__
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "tests" / f"test_{name}.py").is_file() and (root / "tests" / f"test_{name}_functional.py").is_file()
+    assert (root / "benchmarks" / f"{name}.py").is_file()

@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 
-from conftest import CONFIGS
+from conftest import CONFIGS, make_trainer
 from ddp_harness import assert_states_equal, check, load_rank_states, run_ddp
 from stacktrain.callbacks import EfficiencyReport, GradientQuantization, PruneRegrow, TokenDropout
 from stacktrain.datamodules import DigitsDataModule, ShapesDataModule
@@ -129,10 +129,7 @@ def test_quantization_follows_compaction_of_the_parameters(tmp_path):
             self.levels = max((params[n].grad.abs().unique().numel() for n in self.shrunk), default=0)
 
     inspect = Inspect()
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=6, limit_val_batches=1, val_check_interval=6, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, default_root_dir=tmp_path,
-                      callbacks=[prune, quant, inspect, EfficiencyReport(dirpath=str(tmp_path))])
+    trainer = make_trainer(tmp_path, [prune, quant, inspect, EfficiencyReport(dirpath=str(tmp_path))], max_steps=6, limit_val_batches=1, val_check_interval=6, num_sanity_val_steps=0)
     trainer.fit(model, DigitsDataModule(image_size=16, channels=1, batch_size=32))
     assert prune.compacted and prune.compacted_at == 3
     assert len(inspect.shrunk) > 5  # the last step ran on compacted layers...
@@ -145,9 +142,7 @@ def test_token_dropout_in_prompt_tuning_reports_over_the_whole_step(tmp_path, mi
     seed_everything(0)
     model = PromptTunedCLIP("stacktrain-micro-clip", pretrained=micro_clip, n_ctx=4, shots=4)
     report = EfficiencyReport(dirpath=str(tmp_path))
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      default_root_dir=tmp_path, callbacks=[TokenDropout(keep_ratio=0.5), report])
+    trainer = make_trainer(tmp_path, [TokenDropout(keep_ratio=0.5), report], max_steps=3, limit_val_batches=0)
     trainer.fit(model, ShapesDataModule(train_size=120, val_size=40, test_size=40, batch_size=8))
     lines = {(line.technique, line.quantity): line for line in report.rows()}
     tuning, dropout = lines[("prompt_tuning", FLOPS_PER_STEP)], lines[("token_dropout", FLOPS_PER_STEP)]

@@ -12,12 +12,12 @@ other in the same process group); the refused pairs run in this process on one d
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 
-from ddp_harness import TESTS, launch_driver
+from conftest import make_trainer
+from ddp_harness import launch_driver
 from stack_matrix_driver import (
     RUNS,
     STEPS,
@@ -142,9 +142,7 @@ def test_pair_that_cannot_share_a_model_is_refused_before_the_first_batch(case, 
     seed_everything(0, verbose=False)
     model, data, techniques = build(micro_clip)
     spy = BatchSpy()
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=STEPS, limit_val_batches=0, num_sanity_val_steps=0,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=tmp_path, callbacks=[*techniques, spy])
+    trainer = make_trainer(tmp_path, [*techniques, spy], max_steps=STEPS, limit_val_batches=0, num_sanity_val_steps=0)
     with pytest.raises(StackError) as caught:
         trainer.fit(model, data)
     error = caught.value

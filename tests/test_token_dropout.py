@@ -19,7 +19,7 @@ from resume_harness import assert_resumed_exactly, load_checkpoint_weights_only,
 from stacktrain.callbacks import EfficiencyReport, ExactResume, TokenDropout
 from stacktrain.datamodules import DigitsDataModule, MultiViewDataModule
 from stacktrain.errors import StackError
-from stacktrain.functional.token_drop import RandomTokenDrop, ViTCostModel, install_sequence_compression
+from stacktrain.functional.token_dropout import TokenDropoutLayer, ViTCostModel, apply_token_dropout
 from stacktrain.lightning_modules import ImageClassifier, SimCLR
 from stacktrain.stack import FLOPS_PER_STEP, TOKENS_PER_SAMPLE, run_dir
 
@@ -95,7 +95,7 @@ def test_schedule_follows_the_global_step_and_evaluation_sees_full_sequences(tmp
 def planned(total_steps: int, points: int = 200, **settings: Any) -> tuple[TokenDropout, list[dict]]:
     """The planned schedule of a ``total_steps`` run, with the compression installed as at fit start."""
     technique = TokenDropout(**settings)
-    technique.compression = install_sequence_compression(classifier().model,
+    technique.compression = apply_token_dropout(classifier().model,
                                                          patch_scaling=technique.schedule.max_patch_scale > 1)
     technique.total_steps = total_steps
     return technique, technique.planned_schedule(points)
@@ -149,7 +149,7 @@ def test_a_no_op_setting_installs_nothing():
     model = classifier()
     trainer([technique], max_steps=2, limit_val_batches=0).fit(model, DigitsDataModule(batch_size=32))
     assert technique.compression is None and technique.last["step"] == -1
-    assert not any(isinstance(m, RandomTokenDrop) for m in model.modules())
+    assert not any(isinstance(m, TokenDropoutLayer) for m in model.modules())
 
 
 class NoViT(LightningModule):

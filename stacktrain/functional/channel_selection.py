@@ -4,7 +4,7 @@
 * `stacktrain.functional.channel_scores`: scores inside a layer (CSS, L1, regrow residuals, `explore_group`);
 * `stacktrain.functional.channel_allocation`: widths per layer under a budget (`Allocation`);
 * `stacktrain.functional.channel_masks`: `ChannelPlan` (costs of widths, applying and moving masks);
-* `stacktrain.functional.chex`: one whole CHEX update (`chex_update`), for a plain PyTorch loop.
+* `stacktrain.functional.prune_regrow`: one whole CHEX update (`prune_regrow_update`), for a plain PyTorch loop.
 """
 
 from stacktrain.functional.channel_allocation import Allocation, round_widths

@@ -11,19 +11,19 @@ from torch import nn
 
 from stacktrain.errors import StackError
 from stacktrain.functional.flops import flop_counter, training_flops
-from stacktrain.functional.token_drop import (
+from stacktrain.functional.token_dropout import (
     FlexiPatchConv,
-    RandomTokenDrop,
+    TokenDropoutLayer,
     ViTCostModel,
     check_keep_ratio,
     check_patch_scale,
-    drops_tokens,
+    token_dropout_active,
     find_vits,
-    install_sequence_compression,
+    apply_token_dropout,
     kept_token_count,
     random_token_keep,
     select_vit,
-    suspend_token_drop,
+    suspend_token_dropout,
 )
 from stacktrain.functional.clip import create_clip_model
 
@@ -63,7 +63,7 @@ def test_random_token_keep_keeps_prefix_and_distinct_random_subsets_per_sample()
 
 
 def test_random_token_drop_is_identity_in_eval_and_at_keep_one():
-    drop = RandomTokenDrop(num_prefix_tokens=1, keep_ratio=0.5)
+    drop = TokenDropoutLayer(num_prefix_tokens=1, keep_ratio=0.5)
     x = torch.randn(2, 17, 4)
     drop.eval()
     assert drop(x) is x
@@ -75,30 +75,30 @@ def test_random_token_drop_is_identity_in_eval_and_at_keep_one():
 
 def test_suspend_token_drop_keeps_every_token_at_the_patch_scale_and_puts_the_dropout_back():
     vit = small_vit()
-    compression = install_sequence_compression(vit, patch_scaling=True)
+    compression = apply_token_dropout(vit, patch_scaling=True)
     compression.set(keep_ratio=0.5, patch_scale=2)  # 16 px, patch 2 at scale 2: a 4x4 grid, 16 patches
     vit.train()
     lengths: list[int] = []
     vit.blocks[0].register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
     images = torch.randn(2, 1, 16, 16)
-    assert drops_tokens(vit)
+    assert token_dropout_active(vit)
     vit(images)
-    with suspend_token_drop(vit) as suspended:
-        assert suspended == [compression.drop] and not drops_tokens(vit)
+    with suspend_token_dropout(vit) as suspended:
+        assert suspended == [compression.drop] and not token_dropout_active(vit)
         vit(images)
-        with suspend_token_drop(vit):  # nested: leaving the inner block keeps the outer one's suspension
+        with suspend_token_dropout(vit):  # nested: leaving the inner block keeps the outer one's suspension
             pass
         vit(images)
     vit(images)
     assert lengths == [1 + 8, 1 + 16, 1 + 16, 1 + 8]  # 16 patches at scale 2: 8 kept, then all 16
-    assert compression.drop.keep_ratio == 0.5 and drops_tokens(vit)
+    assert compression.drop.keep_ratio == 0.5 and token_dropout_active(vit)
     with pytest.raises(RuntimeError, match="inside"):
-        with suspend_token_drop(vit):
+        with suspend_token_dropout(vit):
             raise RuntimeError("inside")
-    assert not compression.drop.suspended and drops_tokens(vit)
+    assert not compression.drop.suspended and token_dropout_active(vit)
     vit.eval()
-    assert not drops_tokens(vit)
-    assert suspend_token_drop(small_vit()).__enter__() == []  # no token dropout installed: nothing to do
+    assert not token_dropout_active(vit)
+    assert suspend_token_dropout(small_vit()).__enter__() == []  # no token dropout installed: nothing to do
 
 
 @pytest.mark.parametrize("scale", [1, 2])
@@ -106,7 +106,7 @@ def test_a_suspended_forward_is_counted_as_the_full_sequence_at_the_patch_scale(
     """Asymmetric dropout's cost: one view at keep 0.5, the other full, both at the patch scale; the
     module's tally equals the FLOP counter's and the cost model's sum of the two."""
     vit = small_vit()
-    compression = install_sequence_compression(vit, patch_scaling=True)
+    compression = apply_token_dropout(vit, patch_scaling=True)
     compression.set(keep_ratio=0.5, patch_scale=scale)
     vit.train()
     batch = 3
@@ -114,7 +114,7 @@ def test_a_suspended_forward_is_counted_as_the_full_sequence_at_the_patch_scale(
 
     def asymmetric(model: nn.Module) -> torch.Tensor:
         dropped = model(view_a)
-        with suspend_token_drop(model):
+        with suspend_token_dropout(model):
             full = model(view_b)
         return torch.cat((dropped, full))
 
@@ -174,7 +174,7 @@ def test_installing_keeps_state_dict_and_eval_outputs_and_remove_restores(mode):
     images = torch.randn(3, 1, 16, 16)
     vit.eval()
     reference = vit(images)
-    compression = install_sequence_compression(vit, patch_scaling=True, patch_mode=mode)
+    compression = apply_token_dropout(vit, patch_scaling=True, patch_mode=mode)
     assert list(vit.state_dict()) == keys
     compression.set(0.5, 2)
     assert torch.allclose(vit(images), reference, atol=1e-6)  # eval: full sequence whatever the setting
@@ -193,7 +193,7 @@ def test_installing_keeps_state_dict_and_eval_outputs_and_remove_restores(mode):
 
 def test_a_vit_that_already_drops_patches_is_refused():
     with pytest.raises(StackError, match="patch_drop_rate"):
-        install_sequence_compression(small_vit(patch_drop_rate=0.5))
+        apply_token_dropout(small_vit(patch_drop_rate=0.5))
 
 
 @pytest.mark.parametrize("keep,scale,mode", [(1.0, 1, "flexi"), (0.5, 1, "flexi"), (0.25, 1, "flexi"),
@@ -203,7 +203,7 @@ def test_cost_model_matches_the_flop_counter(keep, scale, mode):
     """Training FLOPs (forward + backward) of a timm ViT as a function of the sequence, exactly as
     torch.utils.flop_counter counts them (attention included)."""
     vit = small_vit()
-    compression = install_sequence_compression(vit, patch_scaling=True, patch_mode=mode)
+    compression = apply_token_dropout(vit, patch_scaling=True, patch_mode=mode)
     compression.set(keep, scale)
     vit.train()
     batch = 3
@@ -287,7 +287,7 @@ def test_open_clip_visual_transformer_is_found_compressed_and_counted():
     visual.eval()
     reference = visual(images)
     keys = list(visual.state_dict())
-    compression = install_sequence_compression(visual, patch_scaling=True)
+    compression = apply_token_dropout(visual, patch_scaling=True)
     assert list(visual.state_dict()) == keys
     assert torch.allclose(visual(images), reference, atol=1e-6)
     compression.set(0.5, 2)
@@ -306,7 +306,7 @@ def test_token_drop_takes_the_mode_of_the_slot_it_fills():
     token dropper that acts in training steps; a plain ViT's slot has the ViT's own mode."""
     clip = create_clip_model("stacktrain-micro-clip").eval()
     clip.visual.patch_dropout.train()
-    compression = install_sequence_compression(clip.visual)
+    compression = apply_token_dropout(clip.visual)
     compression.set(keep_ratio=0.5)
     assert compression.drop.training and not clip.visual.training
     lengths = []

@@ -27,11 +27,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from stacktrain.functional.early_exit_network import EarlyExitNetwork
+
 __all__ = [
+    "apply_early_exit",
     "DEFAULT_WEIGHT",
     "FORMS",
     "ensemble_step",
@@ -52,6 +57,26 @@ __all__ = [
 #: The ensemble weight each form uses when none is given (the reference's scripts use 0.5).
 DEFAULT_WEIGHT = {"reference": 0.5, "scaled": 1.0}
 FORMS = tuple(DEFAULT_WEIGHT)
+
+
+def apply_early_exit(
+    model_name: str,
+    num_classes: int,
+    exits: Sequence[str | int] | None = None,
+    *,
+    head_hidden: int | None = 128,
+    rescale_gradients: bool = True,
+    **backbone_options: Any,
+) -> EarlyExitNetwork:
+    """A timm backbone (``model_name``) cut at ``exits`` (stage or block names, or indices; when None, the
+    last four stages of a CNN or four evenly spaced blocks of a ViT) with one classifier head per exit: an `EarlyExitNetwork` whose
+    forward returns every exit's logits (train it with `exit_losses`) and whose ``early_exit`` runs the
+    budgeted inference loop. ``backbone_options`` are `StagedBackbone`'s (``in_chans``, ``pretrained``,
+    ``model_kwargs``)."""
+    from stacktrain.functional.early_exit_network import EarlyExitNetwork, StagedBackbone
+
+    return EarlyExitNetwork(StagedBackbone(model_name, exits, **backbone_options), num_classes, head_hidden,
+                            rescale_gradients)
 
 
 def ensemble_step(logits: torch.Tensor, previous: torch.Tensor | None, weight: float,

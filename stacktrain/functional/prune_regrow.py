@@ -1,15 +1,15 @@
 """One CHEX update as a plain function (no Lightning): allocate widths by BatchNorm ``|gamma|`` under
 the budget, prune inside each group by CSS, regrow, restore the regrown channels' most recently used
-weights. A plain PyTorch loop calls `chex_update` every few steps until T_max and
+weights. A plain PyTorch loop calls `prune_regrow_update` every few steps until T_max and
 ``plan.apply_masks(model, masks)`` after every optimizer step; the `PruneRegrow` callback only
 decides when (and, under DDP, applies rank 0's masks on every rank between `decide_masks` and the transition).
 
-    plan = ChannelPlan.build(model, example)
+    plan = apply_prune_regrow(model, example)
     budget = Budget.flops(plan, 0.5)
     masks, memory = None, {}
     for step, (x, y) in enumerate(loader):
         if step % 50 == 0 and step <= t_max:
-            masks = chex_update(model, plan, masks, memory, budget, step=step, t_max=t_max)
+            masks = prune_regrow_update(model, plan, masks, memory, budget, step=step, t_max=t_max)
         ...loss.backward(); optimizer.step()
         plan.apply_masks(model, masks)
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from stacktrain.functional.channel_allocation import Allocation
 from stacktrain.functional.channel_masks import ChannelPlan
 from stacktrain.functional.channel_scores import cosine_regrow_fraction, explore_group
 
-__all__ = ["Budget", "chex_update", "decide_masks", "gradual_limit", "uniform_masks"]
+__all__ = ["Budget", "apply_prune_regrow", "prune_regrow_update", "decide_masks", "gradual_limit", "uniform_masks"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,16 @@ def decide_masks(
         torch.set_num_threads(threads)
 
 
-def chex_update(
+def apply_prune_regrow(model: nn.Module, example_inputs: Any, **plan_options: Any) -> ChannelPlan:
+    """Prepare ``model`` for prune-and-regrow: trace its coupled channel groups and the FLOPs of every
+    layer on ``example_inputs`` (``plan_options``: `ChannelPlan.build`'s ``ignore``, ``minimum_ratio``,
+    ``forward_fn``, ``prune_residual``). Returns the plan that `prune_regrow_update` decides masks on
+    and whose ``apply_masks`` zeroes the pruned channels after each step; the model itself is not
+    changed until the first update."""
+    return ChannelPlan.build(model, example_inputs, **plan_options)
+
+
+def prune_regrow_update(
     model: nn.Module,
     plan: ChannelPlan,
     old: Sequence[torch.Tensor] | None,

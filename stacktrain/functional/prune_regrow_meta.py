@@ -9,23 +9,23 @@ from typing import Any
 
 from stacktrain.errors import StackError
 
-__all__ = ["CHEX_META_VERSION", "ChexMeta"]
+__all__ = ["PRUNE_REGROW_META_VERSION", "PruneRegrowMeta"]
 
 #: 2: ``traced`` (the submodule the channels were traced on) and ``prune_residual`` added.
-CHEX_META_VERSION = 2
+PRUNE_REGROW_META_VERSION = 2
 #: versions this code reads (version 1 lacks the fields of 2, whose defaults are what it did).
 READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
-class ChexMeta:
+class PruneRegrowMeta:
     """What a `PruneRegrow` run must remember to resume, and to export its compact network.
 
     ``traced``: the submodule (of the LightningModule) whose channels were traced, "" for the module
     itself; ``network``: the submodule that holds every pruned layer (what export writes);
     ``input_shape``: one sample's input to ``traced`` (batch 1)."""
 
-    version: int = CHEX_META_VERSION
+    version: int = PRUNE_REGROW_META_VERSION
     module_class: str = ""
     traced: str = ""
     network: str = ""
@@ -43,7 +43,7 @@ class ChexMeta:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, state: dict[str, Any], *, source: str = "PruneRegrow") -> "ChexMeta":
+    def from_dict(cls, state: dict[str, Any], *, source: str = "PruneRegrow") -> "PruneRegrowMeta":
         """The schema's fields of ``state`` (other keys, such as the masks, are ignored); a version
         this code cannot read raises `StackError`."""
         version = state.get("version")
@@ -55,6 +55,6 @@ class ChexMeta:
             )
         names = {f.name for f in fields(cls)}
         meta = cls(**{k: v for k, v in state.items() if k in names})
-        meta.version = CHEX_META_VERSION
+        meta.version = PRUNE_REGROW_META_VERSION
         meta.input_shape = [int(v) for v in meta.input_shape]
         return meta

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from stacktrain.errors import StackError
-from stacktrain.functional.boosting import DEFAULT_WEIGHT, ensemble_predictions, ensemble_step, split_gradient
+from stacktrain.functional.early_exit import DEFAULT_WEIGHT, ensemble_predictions, ensemble_step, split_gradient
 from stacktrain.functional.flops import forward_flops
 
 __all__ = ["StagedBackbone", "ConvExitHead", "TokenExitHead", "EarlyExitNetwork"]

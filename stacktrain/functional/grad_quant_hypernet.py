@@ -15,7 +15,7 @@ all-reduced) and learning rate ``lr``:
   MetaQuant's approximation: a linearisation through Adam's per-element step size was tried on the
   digits and did no better);
 * the next loss ``L(w')`` is differentiated with respect to the hypernetwork's weights ``theta``
-  through ``w'``: ``dL/dtheta = -lr * <dL/dw', dH(g)/dtheta>``. `MetaGradCompensation.transform`
+  through ``w'``: ``dL/dtheta = -lr * <dL/dw', dH(g)/dtheta>``. `HypernetCompensation.transform`
   computes exactly this vector-Jacobian product when the next gradient ``dL/dw'`` is known, which is
   the gradient that building ``w - lr * (H(g) - H(g).detach())`` into the next forward (with
   ``torch.func.functional_call``, MetaQuant's injection) would give, without touching the forward.
@@ -48,7 +48,7 @@ from torch import nn
 from stacktrain.errors import require_choice, require_number
 from stacktrain.optim import all_finite
 
-__all__ = ["HYPERNET_INPUTS", "HYPERNET_KINDS", "GradientHyperNetwork", "MetaGradCompensation", "ParamUpdate",
+__all__ = ["HYPERNET_INPUTS", "HYPERNET_KINDS", "GradientHyperNetwork", "HypernetCompensation", "ParamUpdate",
            "HYPERNET_TARGETS", "default_hidden", "hypernet_parameter_names"]
 
 #: What the hypernetwork sees of each element: its gradient, or its gradient and its weight
@@ -65,9 +65,9 @@ HYPERNET_TARGETS = ("weights", "all")
 def hypernet_parameter_names(model: nn.Module, targets: str) -> set[str]:
     """Names (as in ``model.named_parameters()``) of the trainable tensors the hypernetwork transforms:
     the ``weight`` of every Linear/Conv layer for ``"weights"``, every trainable tensor for ``"all"``."""
-    from stacktrain.functional.quantize import ACTIVATION_LAYERS
+    from stacktrain.functional.grad_quant import ACTIVATION_LAYERS
 
-    require_choice(targets, "hypernet_targets", HYPERNET_TARGETS, source="MetaGradCompensation")
+    require_choice(targets, "hypernet_targets", HYPERNET_TARGETS, source="HypernetCompensation")
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     if targets == "all":
         return trainable
@@ -142,7 +142,7 @@ class ParamUpdate:
     lr: float
 
 
-class MetaGradCompensation:
+class HypernetCompensation:
     """The hypernetwork, its optimizer, and the last step's inputs (`ParamUpdate` per tensor).
 
     Per optimizer step, after the backward and before the model's optimizer:
@@ -167,7 +167,7 @@ class MetaGradCompensation:
     def _context(self, param: torch.Tensor) -> torch.Tensor | None:
         return param.detach().clone() if self.net.inputs == "gradient_and_weight" else None
 
-    def to(self, device: torch.device | str) -> MetaGradCompensation:
+    def to(self, device: torch.device | str) -> HypernetCompensation:
         self.net.to(device)
         for state in self.optimizer.state.values():
             for key, value in state.items():

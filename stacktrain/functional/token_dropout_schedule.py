@@ -29,12 +29,13 @@ from typing import Any
 import torch
 
 from stacktrain.errors import StackError, require_choice, require_number
-from stacktrain.functional.token_drop import check_keep_ratio
+from stacktrain.functional.token_dropout import check_keep_ratio
 
 __all__ = [
     "Phase",
     "AccelerationSchedule",
     "SHAPES",
+    "first_step_at",
     "read_schedule_file",
     "write_schedule_file",
     "gradient_error_stats",
@@ -190,6 +191,17 @@ def _check_phases(phases: Sequence[Phase | Mapping[str, Any]], *, source: str, k
         checked.append(Phase(float(end), keep, int(scale)))
         previous_end = float(end)
     return checked
+
+
+def first_step_at(progress: float, total: int) -> int:
+    """The first step whose progress ``step / total`` reaches ``progress`` (the comparison the schedule
+    makes), free of rounding in ``progress * total``."""
+    step = math.ceil(progress * total)
+    while step > 0 and (step - 1) / total >= progress:
+        step -= 1
+    while step / total < progress:
+        step += 1
+    return step
 
 
 def read_schedule_file(path: str, *, source: str = "TokenDropout") -> tuple[AccelerationSchedule, dict[str, Any]]:

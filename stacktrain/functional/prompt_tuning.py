@@ -7,6 +7,7 @@ No Lightning here:
 * `encode_text_embeddings` runs that tower from token *embeddings* instead of token ids, exactly as
   ``model.encode_text`` does (batch-first transformer, ``attn_mask``, pooling at the EOT token,
   ``text_projection``), so learned vectors can replace word embeddings;
+* `apply_prompt_tuning` freezes a CLIP model and returns the `PromptLearner` to train in its place;
 * `PromptLearner` holds CoOp's learnable context: ``[SOS] [V]_1 ... [V]_M [CLASS] . [EOT]`` with the
   class token at the end, middle or front, one context shared by all classes or one per class,
   randomly initialised or from a phrase such as "a photo of a";
@@ -35,6 +36,7 @@ __all__ = [
     "text_tower",
     "encode_text_embeddings",
     "PromptLearner",
+    "apply_prompt_tuning",
     "generalized_cross_entropy",
     "GeneralizedCrossEntropy",
     "sample_few_shot",
@@ -293,6 +295,20 @@ class PromptLearner(nn.Module):
     def encode(self, model: nn.Module, normalize: bool = True, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """The class text features ``[C, D]`` of the prompts through ``model``'s text tower."""
         return encode_text_embeddings(text_tower(model), self(ctx), self.tokenized_prompts, normalize=normalize)
+
+
+def apply_prompt_tuning(
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    class_names: Sequence[str] | None = None,
+    **options: Any,
+) -> PromptLearner:
+    """Freeze ``model`` (an open_clip CLIP: nothing of it trains) and return the `PromptLearner` whose
+    context vectors are the only parameters to train; ``options`` are `PromptLearner`'s (``n_ctx``,
+    ``ctx_init``, ``class_token_position``, ``class_specific``, ``generator``). Classify with
+    ``clip_logits(encode_images(model, x), learner.encode(model), model.logit_scale)``."""
+    model.requires_grad_(False)
+    return PromptLearner(model, tokenizer, class_names, **options)
 
 
 def generalized_cross_entropy(

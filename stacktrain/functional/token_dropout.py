@@ -5,28 +5,27 @@ The pieces, in the order a ViT uses them::
 
     images -> patch embedding   (FlexiPatchConv: patch scale s, FlexiViT-style or lower resolution)
            -> + position embedding (resampled to the new grid with timm's resample_abs_pos_embed)
-           -> RandomTokenDrop      (keep a random subset of patch tokens per sample, prefix tokens kept)
+           -> TokenDropoutLayer      (keep a random subset of patch tokens per sample, prefix tokens kept)
            -> transformer blocks   (cost ~ sequence length, attention ~ its square)
 
-`install_sequence_compression` puts both into a ViT *without changing its state_dict keys* (the
+`apply_token_dropout` puts both into a ViT *without changing its state_dict keys* (the
 dropout module has no state; the patch convolution keeps the same weight and bias) and returns a
-`SequenceCompression` handle whose ``set(keep_ratio, patch_scale)`` changes the compression between
+`TokenDropoutHandle` handle whose ``set(keep_ratio, patch_scale)`` changes the compression between
 steps; ``remove()`` restores the ViT. Both modules act in training mode only: evaluation always sees
-the full sequence. Inside ``with suspend_token_drop(model):`` the dropout of every `RandomTokenDrop`
+the full sequence. Inside ``with suspend_token_dropout(model):`` the dropout of every `TokenDropoutLayer`
 in ``model`` lets all tokens through while patch scaling stays on (asymmetric token dropout: one view
-of a pair dropped, the other full, both at the same patch scale), and `drops_tokens` says whether a
+of a pair dropped, the other full, both at the same patch scale), and `token_dropout_active` says whether a
 training forward would drop tokens at all. `ViTCostModel` gives a ViT's training FLOPs as a function of the sequence length.
 
 Functional use, e.g. in a plain PyTorch loop::
 
-    compression = install_sequence_compression(vit, patch_scaling=True)
+    compression = apply_token_dropout(vit, patch_scaling=True)
     compression.set(keep_ratio=0.5, patch_scale=2)     # 16x16 image, patch 2 -> 4x4 grid, 8 tokens kept
     loss = criterion(vit(images), targets)             # vit.train(): compressed; vit.eval(): full
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import types
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,18 +42,18 @@ from stacktrain.errors import StackError, require_number
 __all__ = [
     "kept_token_count",
     "random_token_keep",
-    "RandomTokenDrop",
-    "token_drops",
-    "drops_tokens",
-    "suspend_token_drop",
+    "TokenDropoutLayer",
+    "token_dropout_layers",
+    "token_dropout_active",
+    "suspend_token_dropout",
     "FlexiPatchConv",
     "PatchMode",
     "vit_family",
     "find_vits",
     "select_vit",
     "ViTCostModel",
-    "SequenceCompression",
-    "install_sequence_compression",
+    "TokenDropoutHandle",
+    "apply_token_dropout",
     "check_keep_ratio",
     "check_patch_scale",
 ]
@@ -100,13 +99,13 @@ def random_token_keep(
     return torch.cat((x[:, :num_prefix_tokens], patches), dim=1)
 
 
-class RandomTokenDrop(nn.Module):
+class TokenDropoutLayer(nn.Module):
     """Random token dropout with a keep ratio that can change every step (``keep_ratio`` attribute).
 
     Drop-in for timm's ``VisionTransformer.patch_drop`` and open_clip's ``VisionTransformer.patch_dropout``
     (like timm's ``PatchDropout``, but the ratio is a settable attribute, the random numbers come from
     ``generator``, and the FLOPs and tokens of every training forward are counted for the cost report).
-    Identity in eval mode, and while ``suspended`` (set by `suspend_token_drop`), when the forward
+    Identity in eval mode, and while ``suspended`` (set by `suspend_token_dropout`), when the forward
     passes every token on and is counted as what it is: the full sequence at the current patch scale.
     Holds no parameters or buffers, so the ViT's ``state_dict`` is unchanged.
     """
@@ -125,10 +124,10 @@ class RandomTokenDrop(nn.Module):
         self.generator = generator
         self.ordered = ordered
         self.cost_model = cost_model
-        #: set by `SequenceCompression.set`: the patch scaling upstream of this module
+        #: set by `TokenDropoutHandle.set`: the patch scaling upstream of this module
         self.patch_scale = 1
         self.patch_mode = "flexi"
-        #: set by `suspend_token_drop`: training forwards keep every token (keep ratio 1 for them)
+        #: set by `suspend_token_dropout`: training forwards keep every token (keep ratio 1 for them)
         self.suspended = False
         self.reset_counters()
 
@@ -178,21 +177,21 @@ class RandomTokenDrop(nn.Module):
         return f"keep_ratio={self.keep_ratio}, num_prefix_tokens={self.num_prefix_tokens}"
 
 
-def token_drops(module: nn.Module) -> list[RandomTokenDrop]:
-    """Every `RandomTokenDrop` in ``module``'s tree (empty when no token dropout is installed)."""
-    return [child for child in module.modules() if isinstance(child, RandomTokenDrop)]
+def token_dropout_layers(module: nn.Module) -> list[TokenDropoutLayer]:
+    """Every `TokenDropoutLayer` in ``module``'s tree (empty when no token dropout is installed)."""
+    return [child for child in module.modules() if isinstance(child, TokenDropoutLayer)]
 
 
-def drops_tokens(module: nn.Module) -> bool:
-    """Whether a forward of ``module`` as it is now would drop tokens: some `RandomTokenDrop` in its tree
+def token_dropout_active(module: nn.Module) -> bool:
+    """Whether a forward of ``module`` as it is now would drop tokens: some `TokenDropoutLayer` in its tree
     is in training mode, not suspended, at a keep ratio below 1. (Patch scaling is not dropout: a
     forward that only scales patches drops nothing.)"""
-    return any(drop.training and not drop.suspended and drop.keep_ratio < 1.0 for drop in token_drops(module))
+    return any(drop.training and not drop.suspended and drop.keep_ratio < 1.0 for drop in token_dropout_layers(module))
 
 
 @contextmanager
-def suspend_token_drop(module: nn.Module) -> Iterator[list[RandomTokenDrop]]:
-    """Within the block, every `RandomTokenDrop` in ``module``'s tree keeps all tokens (as at keep ratio
+def suspend_token_dropout(module: nn.Module) -> Iterator[list[TokenDropoutLayer]]:
+    """Within the block, every `TokenDropoutLayer` in ``module``'s tree keeps all tokens (as at keep ratio
     1); on leaving it, also by an exception, each is put back as it was. Patch scaling (`FlexiPatchConv`)
     is untouched, so a forward in the block sees the full token sequence of the current patch grid, and
     the modules count it as such: their FLOPs and tokens tallies hold what really ran. Nests; a module
@@ -202,10 +201,10 @@ def suspend_token_drop(module: nn.Module) -> Iterator[list[RandomTokenDrop]]:
     both)::
 
         dropped = vit(view_a)
-        with suspend_token_drop(vit):
+        with suspend_token_dropout(vit):
             full = vit(view_b)
     """
-    drops = token_drops(module)
+    drops = token_dropout_layers(module)
     before = [drop.suspended for drop in drops]
     for drop in drops:
         drop.suspended = True
@@ -457,10 +456,10 @@ class ViTCostModel:
 
 
 # ------------------------------------------------------------------------------------- installation
-class SequenceCompression:
-    """What `install_sequence_compression` put into a ViT; ``set`` changes the compression."""
+class TokenDropoutHandle:
+    """What `apply_token_dropout` put into a ViT; ``set`` changes the compression."""
 
-    def __init__(self, vit: nn.Module, family: str, drop: RandomTokenDrop, conv: FlexiPatchConv | None,
+    def __init__(self, vit: nn.Module, family: str, drop: TokenDropoutLayer, conv: FlexiPatchConv | None,
                  restore: list[tuple[Any, str, Any]], cost_model: ViTCostModel, mode: str) -> None:
         self.vit = vit
         self.family = family
@@ -479,7 +478,7 @@ class SequenceCompression:
     def set(self, keep_ratio: float = 1.0, patch_scale: int = 1) -> None:
         """Compression of the following training forwards (evaluation stays full)."""
         if patch_scale != 1 and self.conv is None:
-            raise ValueError("patch scaling was not installed (install_sequence_compression(patch_scaling=True))")
+            raise ValueError("patch scaling was not installed (apply_token_dropout(patch_scaling=True))")
         self.keep_ratio = float(keep_ratio)
         self.patch_scale = int(patch_scale)
         self.drop.keep_ratio = self.keep_ratio
@@ -502,7 +501,7 @@ class SequenceCompression:
 _DELETE = object()
 
 
-def install_sequence_compression(
+def apply_token_dropout(
     vit: nn.Module,
     *,
     patch_scaling: bool = False,
@@ -510,8 +509,8 @@ def install_sequence_compression(
     generator: torch.Generator | None = None,
     ordered: bool = False,
     source: str = "TokenDropout",
-) -> SequenceCompression:
-    """Put a `RandomTokenDrop` where the ViT drops patches (timm ``patch_drop``, open_clip
+) -> TokenDropoutHandle:
+    """Put a `TokenDropoutLayer` where the ViT drops patches (timm ``patch_drop``, open_clip
     ``patch_dropout``) and, with ``patch_scaling``, a `FlexiPatchConv` as its patch embedding plus the
     position-embedding resampling for the coarser grid: timm's own ``dynamic_img_size`` path (which
     calls ``resample_abs_pos_embed`` with the model's prefix tokens), or for open_clip an
@@ -525,8 +524,8 @@ def install_sequence_compression(
                          fix=f"use one of {list(PATCH_MODES)}")
     drop_attribute = "patch_drop" if family == "timm" else "patch_dropout"
     existing = getattr(vit, drop_attribute)
-    if isinstance(existing, RandomTokenDrop):
-        raise StackError("already has sequence compression installed", source=source, key=drop_attribute,
+    if isinstance(existing, TokenDropoutLayer):
+        raise StackError("already has token dropout applied", source=source, key=drop_attribute,
                          value=type(existing).__name__, fix="remove the other TokenDropout from the run")
     if not isinstance(existing, nn.Identity):
         rate = getattr(existing, "prob", None)
@@ -563,13 +562,13 @@ def install_sequence_compression(
             vit.conv1 = conv
             restore.append((vit, "_embeds", _DELETE))
             vit._embeds = types.MethodType(_open_clip_embeds_any_grid, vit)
-    drop = RandomTokenDrop(prefix, generator=generator, ordered=ordered, cost_model=cost_model)
+    drop = TokenDropoutLayer(prefix, generator=generator, ordered=ordered, cost_model=cost_model)
     # the mode of the slot it takes over, which its owner may keep apart from the ViT's: a frozen tower
     # in eval mode whose dropout slot follows training (PromptTunedCLIP) drops tokens in training steps
     drop.train(existing.training)
     restore.insert(0, (vit, drop_attribute, existing))
     setattr(vit, drop_attribute, drop)
-    return SequenceCompression(vit, family, drop, conv, restore, cost_model, patch_mode)
+    return TokenDropoutHandle(vit, family, drop, conv, restore, cost_model, patch_mode)
 
 
 def _open_clip_embeds_any_grid(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,9 @@ from torch import nn
 
 from stacktrain.errors import StackError
 from stacktrain.functional.clip import clip_tokenizer, create_clip_model, zero_shot_weights
-from stacktrain.functional.prompts import (
+from stacktrain.functional.prompt_tuning import (
     PromptLearner,
+    apply_prompt_tuning,
     encode_text_embeddings,
     generalized_cross_entropy,
     noisy_few_shot,
@@ -83,6 +84,18 @@ def test_gradient_reaches_only_the_context(micro):
     F.cross_entropy(logits * 10, torch.tensor([0, 1, 2, 0, 1, 2])).backward()
     assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_apply_prompt_tuning_freezes_the_model_and_returns_the_seeded_learner():
+    torch.manual_seed(0)
+    model = create_clip_model("stacktrain-micro-clip")
+    tokenizer = clip_tokenizer("stacktrain-micro-clip")
+    assert any(p.requires_grad for p in model.parameters())
+    learner = apply_prompt_tuning(model, tokenizer, NAMES, n_ctx=4, generator=torch.Generator().manual_seed(3))
+    assert not any(p.requires_grad for p in model.parameters())  # only the context trains
+    assert [name for name, p in learner.named_parameters() if p.requires_grad] == ["ctx"]
+    direct = PromptLearner(model, tokenizer, NAMES, n_ctx=4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(learner.ctx, direct.ctx) and learner.class_names == direct.class_names
 
 
 def test_names_can_be_bound_after_construction(micro):

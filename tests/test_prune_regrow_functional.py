@@ -1,4 +1,4 @@
-"""`stacktrain.functional.chex`: one CHEX update in a plain PyTorch loop (no Lightning), the gradual
+"""`stacktrain.functional.prune_regrow`: one CHEX update in a plain PyTorch loop (no Lightning), the gradual
 prune-only schedule, the uniform baseline, and residual streams left whole."""
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from stacktrain.functional.channel_selection import ChannelPlan
-from stacktrain.functional.chex import Budget, chex_update, decide_masks, gradual_limit, uniform_masks
+from stacktrain.functional.prune_regrow import (
+    Budget, apply_prune_regrow, decide_masks, gradual_limit, prune_regrow_update, uniform_masks,
+)
 from test_channel_selection import CoupledNet, group_of
 
 
@@ -41,10 +43,22 @@ def test_residual_streams_are_found_and_can_stay_whole():
     assert [g.name for g in whole] == [g.name for g in groups if not g.residual] and len(whole) == len(groups) - 1
 
 
-def test_chex_update_in_a_plain_loop_regrows_lands_on_the_budget_and_restores_weights():
+def test_apply_prune_regrow_plans_without_changing_the_model():
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", in_chans=1, num_classes=10)
-    plan = ChannelPlan.build(model, torch.zeros(1, 1, 16, 16))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    plan = apply_prune_regrow(model, torch.zeros(1, 1, 16, 16), prune_residual=False)
+    assert isinstance(plan, ChannelPlan) and plan.groups
+    whole = ChannelPlan.build(model, torch.zeros(1, 1, 16, 16))
+    assert len(plan.groups) < len(whole.groups)  # the option reached the plan: residual groups left out
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], value) for name, value in before.items())
+
+
+def test_prune_regrow_update_in_a_plain_loop_regrows_lands_on_the_budget_and_restores_weights():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=10)
+    plan = apply_prune_regrow(model, torch.zeros(1, 1, 16, 16))
     budget = Budget.flops(plan, 0.5)
     with torch.no_grad():  # distinct |gamma|, as training gives them: the allocation moves between updates
         for module in model.modules():
@@ -56,7 +70,7 @@ def test_chex_update_in_a_plain_loop_regrows_lands_on_the_budget_and_restores_we
     for step in range(7):
         if step % 2 == 0 or step == 6:
             old = masks
-            masks = chex_update(model, plan, masks, memory, budget, step=step, t_max=6,
+            masks = prune_regrow_update(model, plan, masks, memory, budget, step=step, t_max=6,
                                 generator=torch.Generator().manual_seed(step))
             history.append((old, masks))
         nn.functional.cross_entropy(model(x), y).backward()
@@ -82,9 +96,9 @@ def test_prune_only_decision_starts_dense_and_never_regrows():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.weight.uniform_(0.1, 1.0)
-    first = chex_update(model, plan, None, memory, budget, step=0, t_max=10, regrow_fraction=0.0)
+    first = prune_regrow_update(model, plan, None, memory, budget, step=0, t_max=10, regrow_fraction=0.0)
     assert all(bool(m.all()) for m in first)
-    middle = chex_update(model, plan, first, memory, budget, step=5, t_max=10, regrow_fraction=0.0)
+    middle = prune_regrow_update(model, plan, first, memory, budget, step=5, t_max=10, regrow_fraction=0.0)
     last = decide_masks(model, plan, middle, memory, budget, step=10, t_max=10, regrow_fraction=0.0)
     assert 0.25 < plan.flops_ratio(middle) <= gradual_limit(0.25, 5, 10) and plan.flops_ratio(last) <= 0.25
     assert all(not bool((b & ~a).any()) for a, b in zip(middle, last))  # nothing came back

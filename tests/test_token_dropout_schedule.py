@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stacktrain.errors import StackError
-from stacktrain.functional.acceleration_schedule import (
+from stacktrain.functional.token_dropout_schedule import (
     AccelerationSchedule,
     Phase,
     choose_phases,
