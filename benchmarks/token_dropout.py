@@ -139,12 +139,21 @@ def overrides_for(settings: dict[str, Any], args: Any) -> list[str]:
     the digits), smoke-mode limits and, if asked, the ViT's width/depth. The number of epochs is set per
     run (`ssl_run`)."""
     extra: list[str] = []
-    if args.data != "digits":  # swap the wrapped data module for --data's
-        base = settings["data"]["init_args"]["base"]["init_args"]
-        local = args.data != "cluttered"
-        extra += ["--data.init_args.base", json.dumps(data_config(
-            args.data, batch_size=base.get("batch_size", 64), image_size=args.image_size or base.get("image_size"),
-            channels=3 if local else base.get("channels", 1), small=args.small))]
+    base_config = settings["data"]["init_args"]["base"]
+    base = base_config["init_args"]
+    wanted = data_config(args.data, batch_size=base.get("batch_size", 64),
+                         image_size=args.image_size or base.get("image_size"),
+                         channels=3 if args.data not in ("digits", "cluttered") else base.get("channels", 1),
+                         small=args.small)
+    # swap the wrapped data module for --data's, unless the config already wraps that kind (a config
+    # written for the task keeps its own settings: difficulty, augment...)
+    if wanted["class_path"] != base_config["class_path"]:
+        extra += ["--data.init_args.base", json.dumps(wanted)]
+    else:  # only what the command line asks: another image size, the smoke run's small sets
+        asked = {"image_size", "digit_size", "fragment_size"} if args.image_size else set()
+        asked |= {"train_size", "val_size", "test_size"} if args.small else set()
+        for key in sorted(asked & set(wanted["init_args"])):
+            extra += [f"--data.init_args.base.init_args.{key}", json.dumps(wanted["init_args"][key])]
     if args.small:  # a smoke test: a few batches per epoch
         extra += ["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2"]
     if args.width or args.depth or args.patch_size or args.image_size:
