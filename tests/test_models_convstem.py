@@ -15,7 +15,8 @@ from stacktrain.models import check_input_shape, create_timm_model, first_conv
 from stacktrain.vit_convstem import ConvStemPatchEmbed, stem_macs
 
 # 16x16 grayscale, 2 px patches (64 patch tokens), an 8-channel stem of 2 layers
-SMALL = dict(img_size=16, patch_size=2, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, stem_channels=8)
+SMALL = dict(img_size=16, patch_size=2, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, stem_channels=8,
+             stem_layers=2)
 
 
 def small(**overrides) -> nn.Module:
@@ -28,9 +29,10 @@ def test_defaults_are_the_benchmarks_vit_with_a_stem_64_tokens_on_32px():
     assert isinstance(embed, ConvStemPatchEmbed)
     assert embed.grid_size == (8, 8) and embed.num_patches == 64 and embed.patch_size == (4, 4)
     assert [(c.in_channels, c.out_channels, c.stride) for c in embed.stem if isinstance(c, nn.Conv2d)] == [
-        (1, 32, (1, 1)), (32, 32, (1, 1))]
+        (1, 32, (1, 1)), (32, 32, (1, 1)), (32, 32, (1, 1))]
     assert (embed.proj.in_channels, embed.proj.out_channels, embed.proj.kernel_size) == (32, 96, (4, 4))
     assert (model.embed_dim, len(model.blocks), model.blocks[0].mlp.fc1.out_features) == (96, 6, 192)
+    assert (model.global_pool, model.num_prefix_tokens) == ("avg", 1)
     images = torch.randn(2, 1, 32, 32)
     assert embed(images).shape == (2, 64, 96)
     assert model.forward_features(images).shape == (2, 65, 96)  # class token + 64 patches
@@ -45,7 +47,7 @@ def test_defaults_are_the_benchmarks_vit_with_a_stem_64_tokens_on_32px():
 
 
 def test_stem_settings_are_checked():
-    assert len(small(stem_layers=3).patch_embed.stem) == 9
+    assert len(small(stem_layers=1).patch_embed.stem) == 3
     with pytest.raises(StackError, match="stem_channels"):
         small(stem_channels=0)
     with pytest.raises(StackError, match="stem_layers"):
