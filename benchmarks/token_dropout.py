@@ -43,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     task_headroom, time_variants, verdict,
 )
 from stacktrain.callbacks import EfficiencyReport, TokenDropout  # noqa: E402
+from stacktrain.functional.token_dropout_schedule import read_schedule_file  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
 
 #: The code this benchmark's figures depend on (`benchmarks.common.provenance`: a change here marks its
@@ -133,32 +134,34 @@ class KnnCurve(Callback):
                             "cpu_s": self.report.step_cpu_s, "wall_s": self.report.step_wall_s})
 
 
-def overrides_for(config: str, args: Any) -> list[str]:
-    """Command-line overrides of the config: ``--data`` (the configs' data is the digits), smoke-mode
-    limits and, if asked, the ViT's width/depth. The number of epochs is set per run (`ssl_run`)."""
-    import yaml
-
+def overrides_for(settings: dict[str, Any], args: Any) -> list[str]:
+    """Command-line overrides of a config (its parsed YAML, ``settings``): ``--data`` (the configs' data is
+    the digits), smoke-mode limits and, if asked, the ViT's width/depth. The number of epochs is set per
+    run (`ssl_run`)."""
     extra: list[str] = []
-    if args.data != "digits":  # swap the wrapped data module for --data's
-        base = yaml.safe_load(Path(config).read_text())["data"]["init_args"]["base"]["init_args"]
-        local = args.data != "cluttered"
-        extra += ["--data.init_args.base", json.dumps(data_config(
-            args.data, batch_size=base.get("batch_size", 64), image_size=args.image_size or base.get("image_size"),
-            channels=3 if local else base.get("channels", 1), small=args.small))]
+    base_config = settings["data"]["init_args"]["base"]
+    base = base_config["init_args"]
+    wanted = data_config(args.data, batch_size=base.get("batch_size", 64),
+                         image_size=args.image_size or base.get("image_size"),
+                         channels=3 if args.data not in ("digits", "cluttered") else base.get("channels", 1),
+                         small=args.small)
+    # swap the wrapped data module for --data's, unless the config already wraps that kind (a config
+    # written for the task keeps its own settings: difficulty, augment...)
+    if wanted["class_path"] != base_config["class_path"]:
+        extra += ["--data.init_args.base", json.dumps(wanted)]
+    else:  # only what the command line asks: another image size, the smoke run's small sets
+        asked = {"image_size", "digit_size", "fragment_size"} if args.image_size else set()
+        asked |= {"train_size", "val_size", "test_size"} if args.small else set()
+        for key in sorted(asked & set(wanted["init_args"])):
+            extra += [f"--data.init_args.base.init_args.{key}", json.dumps(wanted["init_args"][key])]
     if args.small:  # a smoke test: a few batches per epoch
         extra += ["--trainer.limit_train_batches", "4", "--trainer.limit_val_batches", "2"]
     if args.width or args.depth or args.patch_size or args.image_size:
-        kwargs = dict(yaml.safe_load(Path(config).read_text())["model"]["init_args"]["model_kwargs"])
+        kwargs = dict(settings["model"]["init_args"]["model_kwargs"])
         kwargs.update({k: v for k, v in (("embed_dim", args.width), ("depth", args.depth),
                                          ("patch_size", args.patch_size), ("img_size", args.image_size)) if v})
         extra += ["--model.init_args.model_kwargs", json.dumps(kwargs)]
     return extra
-
-
-def config_epochs(config: str) -> int:
-    import yaml
-
-    return int(yaml.safe_load(Path(config).read_text())["trainer"]["max_epochs"])
 
 
 def ssl_run(config: str, seed: int, overrides: list[str], scratch: str, epochs: int, *,
@@ -223,9 +226,12 @@ def time_to_accuracy(method: str, args: Any, scratch: str) -> dict[str, Any]:
     FLOPs; every run whole, k-NN after each epoch."""
     from stacktrain.search_schedule import search_schedule
 
+    import yaml
+
     config = str(REPO / "configs" / CONFIGS[method])
-    overrides = overrides_for(config, args)
-    epochs = args.epochs or config_epochs(config)
+    settings = yaml.safe_load(Path(config).read_text())
+    overrides = overrides_for(settings, args)
+    epochs = args.epochs or int(settings["trainer"]["max_epochs"])
     seeds = list(range(args.seeds))
     checkpoints = str(Path(scratch) / f"{method}_checkpoints")
     baselines = [ssl_run(config, seed, overrides, scratch, epochs, checkpoints=checkpoints if seed == seeds[0] else None)
@@ -256,7 +262,7 @@ def summarise(runs: dict[str, list[dict[str, Any]]], target: float, searches: di
     baselines = runs["baseline"]
     baseline_cpu = statistics.fmean(run["cpu_s"] for run in baselines)
     search_cpu = float(searched["search"]["cpu_seconds"])
-    reached = [first_reaching(run["curve"], target) for run in runs["searched schedule"]]
+    time_to = {name: time_to_target(group, baselines, target) for name, group in runs.items()}
     row: dict[str, Any] = {
         "target_knn_acc": target, "baseline_plateau": [plateau(run) for run in baselines],
         "baseline_cpu_s": baseline_cpu, "baseline_wall_s": statistics.fmean(run["wall_s"] for run in baselines),
@@ -265,18 +271,20 @@ def summarise(runs: dict[str, list[dict[str, Any]]], target: float, searches: di
                       for name, search in searches.items()},
         "schedule_used": next(name for name, search in searches.items() if search is searched),
         "search_cpu_s": search_cpu, "search_cost_ratio": search_cpu / baseline_cpu,
-        "reached": sum(r is not None for r in reached), "seeds": len(baselines), "budget_epochs": budget_epochs,
+        "reached": sum(r is not None for r in time_to["searched schedule"]), "seeds": len(baselines),
+        "budget_epochs": budget_epochs,
     }
-    if all(r is not None for r in reached):
-        cpu = [r["cpu_s"] / b["cpu_s"] for r, b in zip(reached, baselines)]  # type: ignore[index]
-        row.update(per_seed_cpu_ratio=cpu, cpu_ratio=statistics.fmean(cpu),
-                   per_seed_cpu_ratio_with_search=[c + search_cpu / b["cpu_s"] for c, b in zip(cpu, baselines)],
+    cpu = time_to["searched schedule"]
+    if all(c is not None for c in cpu):
+        reached = [first_reaching(run["curve"], target) for run in runs["searched schedule"]]
+        row.update(per_seed_cpu_ratio=cpu, cpu_ratio=statistics.fmean(cpu),  # type: ignore[arg-type]
+                   per_seed_cpu_ratio_with_search=[c + search_cpu / b["cpu_s"] for c, b in zip(cpu, baselines)],  # type: ignore[operator]
                    wall_ratio=statistics.fmean(r["wall_s"] / b["wall_s"] for r, b in zip(reached, baselines)),  # type: ignore[index]
                    first_evaluation=any(r is run["curve"][0] for r, run in zip(reached, runs["searched schedule"])))
     final = {name: [run["final_knn_acc"] for run in group] for name, group in runs.items()}
     row["final_knn_acc"] = final
     row["cpu_s"] = {name: [run["cpu_s"] for run in group] for name, group in runs.items()}
-    row["time_to_target"] = {name: time_to_target(group, baselines, target) for name, group in runs.items()}
+    row["time_to_target"] = time_to
     row["equal_budget"] = {name: paired(final[name], final["searched schedule"]) for name in CONSTANTS}
     row["runs"] = runs
     return row
@@ -291,7 +299,7 @@ def time_to_target(runs: list[dict[str, Any]], baselines: list[dict[str, Any]], 
 
 def schedule_phases(path: str) -> list[dict[str, Any]]:
     """The phases of a schedule file, as `TokenDropout` reads them."""
-    return TokenDropout(schedule_file=path).schedule.as_dict()["phases"]
+    return read_schedule_file(path)[0].as_dict()["phases"]
 
 
 def report(payload: dict[str, Any]) -> str:

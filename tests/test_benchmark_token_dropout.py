@@ -32,3 +32,33 @@ def test_token_dropout_benchmark_small(tmp_path):
     rows = {row["claim"]: row for row in token_dropout.verdicts(payload)}
     assert any(claim.startswith("simclr: the full-sequence baseline learns") for claim in rows)
     assert payload["markdown"] == token_dropout.report(payload)  # the report rebuilds from the JSON alone
+
+
+def test_data_overrides_keep_a_config_written_for_the_task():
+    """``--data cluttered`` swaps the digits config's data module for the cluttered one; a config that
+    already wraps the cluttered digits keeps its own settings (difficulty, augment) and only takes what
+    the command line asks (another image size with its scaled digits, the smoke run's small sets)."""
+    import types
+
+    import yaml
+
+    from benchmarks.token_dropout import overrides_for
+    from conftest import CONFIGS
+
+    def args(**given):
+        return types.SimpleNamespace(**{**dict(data="digits", small=False, width=None, depth=None, patch_size=None,
+                                               image_size=None), **given})
+
+    digits = yaml.safe_load((CONFIGS / "simclr_token_dropout.yaml").read_text())
+    assert overrides_for(digits, args()) == []
+    swapped = overrides_for(digits, args(data="cluttered"))
+    assert swapped[0] == "--data.init_args.base"
+    assert json.loads(swapped[1])["class_path"] == "stacktrain.datamodules.ClutteredDigitsDataModule"
+    cluttered = dict(digits, data={"class_path": digits["data"]["class_path"], "init_args": dict(
+        digits["data"]["init_args"], base={"class_path": "stacktrain.datamodules.ClutteredDigitsDataModule",
+                                           "init_args": {"batch_size": 64, "clutter": 4, "augment": True}})})
+    assert overrides_for(cluttered, args(data="cluttered")) == []
+    resized = overrides_for(cluttered, args(data="cluttered", image_size=24))
+    assert resized[:6] == ["--data.init_args.base.init_args.digit_size", "[10, 15]",
+                           "--data.init_args.base.init_args.fragment_size", "4",
+                           "--data.init_args.base.init_args.image_size", "24"]
