@@ -103,8 +103,9 @@ def stem_macs(embed: nn.Module, image_size: tuple[int, int] | None = None) -> in
     """Multiply-adds per sample of the stem convolutions of ``embed`` (a `ConvStemPatchEmbed`; 0 for any
     other patch embedding) on ``image_size`` images (default ``embed.img_size``).
 
-    `ViTCostModel` counts only ``patch_embed.proj``; this is the per-sample term it leaves out. The stem
-    runs on the full image before token dropout and patch scaling, so neither compression reduces it.
+    The hand count of what `ViTCostModel.from_vit` measures with the flop counter (its ``stem_flops`` is
+    twice this, a multiply-add being 2 FLOPs). The stem runs on the full image before token dropout and
+    patch scaling, so neither compression reduces it.
     """
     stem = getattr(embed, "stem", None)
     if stem is None:
