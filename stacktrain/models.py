@@ -13,6 +13,7 @@ import timm
 from torch import nn
 
 import stacktrain.vgg  # noqa: F401  (registers timm's `stacktrain_vgg`, the benchmarks' CNN)
+import stacktrain.vit_convstem  # noqa: F401  (registers timm's `vit_convstem_tiny`, a ViT with a conv stem)
 from stacktrain.errors import StackError, closest_names, require_existing_path
 
 

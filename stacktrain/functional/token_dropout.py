@@ -357,6 +357,11 @@ class ViTCostModel:
     recomputation), and the head. Backward of a linear layer is twice its forward (input and weight
     gradients); the patch embedding needs only its weight gradient (images need none). Norms,
     activations and softmax are not FLOPs in this convention.
+
+    A convolutional stem before the patch projection (``patch_embed.stem``, e.g. `vit_convstem_tiny`)
+    runs on the whole image, whatever the compression: a fixed per-sample term (``stem_flops`` forward;
+    its backward computes every weight gradient and every input gradient but the image's), and the
+    projection then needs its input gradient too.
     """
 
     embed_dim: int
@@ -371,6 +376,10 @@ class ViTCostModel:
     patch_size: tuple[int, int]
     image_size: tuple[int, int] | None
     num_prefix_tokens: int
+    #: FLOPs per sample of a convolutional stem's forward (0: the projection reads the image)
+    stem_flops: float = 0.0
+    #: of those, the first convolution's (its input is the image: no input gradient)
+    stem_first_flops: float = 0.0
 
     @classmethod
     def from_vit(cls, vit: nn.Module) -> ViTCostModel:
@@ -400,10 +409,14 @@ class ViTCostModel:
                 elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
                     linear_macs += module.in_proj_weight.numel()
         kh, kw = conv.kernel_size
+        stem = getattr(vit.patch_embed, "stem", None) if family == "timm" else None
+        stem_flops, stem_first_flops, in_chans = _stem_flops(stem, image_size) if stem is not None else (
+            0.0, 0.0, conv.in_channels)
         return cls(
             embed_dim=embed_dim, depth=len(blocks), block_linear_macs=linear_macs,
             patch_embed_macs=conv.out_channels * (conv.in_channels // conv.groups) * kh * kw, head_macs=head_macs,
-            in_chans=conv.in_channels, patch_size=(kh, kw), image_size=image_size, num_prefix_tokens=prefix,
+            in_chans=in_chans, patch_size=(kh, kw), image_size=image_size, num_prefix_tokens=prefix,
+            stem_flops=stem_flops, stem_first_flops=stem_first_flops,
         )
 
     def kernel_area(self, patch_scale: int, mode: str) -> int:
@@ -430,9 +443,11 @@ class ViTCostModel:
         linear = 2.0 * tokens * self.block_linear_macs
         attention = 4.0 * tokens * tokens * self.embed_dim * self.depth
         head = 2.0 * self.head_macs
+        stem = self.stem_flops
         if not backward:
-            return embed + linear + attention + head
-        return 2 * embed + 3 * (linear + head) + 3.5 * attention
+            return embed + linear + attention + head + stem
+        embed_backward = 2 if stem else 1  # weight gradient; with a stem the input gradient as well
+        return (1 + embed_backward) * embed + 3 * (linear + head) + 3.5 * attention + 3 * stem - self.stem_first_flops
 
     def resample_flops(self, patch_scale: int, mode: str, *, backward: bool = True) -> float:
         """FLOPs of resizing the patch kernel once per forward in flexi mode (the pseudo-inverse matmul;
@@ -453,6 +468,27 @@ class ViTCostModel:
     def relative_cost(self, keep_ratio: float, patch_scale: int, mode: str = "flexi") -> float:
         """Training FLOPs at a compression over training FLOPs of the full sequence."""
         return self.training_flops(keep_ratio, patch_scale, mode) / self.training_flops()
+
+
+def _stem_flops(stem: nn.Module, image_size: tuple[int, int] | None) -> tuple[float, float, int]:
+    """``(forward FLOPs, the first convolution's, input channels)`` per sample of a stem on
+    ``image_size`` images, measured with the flop counter (any stem layout)."""
+    from stacktrain.functional.flops import forward_flops
+
+    first = next((m for m in stem.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None or image_size is None:
+        raise StackError("has a patch-embedding stem whose cost cannot be measured (no Conv2d or no fixed image size)",
+                         source="ViTCostModel", key="patch_embed.stem", value=type(stem).__name__,
+                         fix="give the ViT a fixed img_size and a convolutional stem")
+    image = torch.zeros(1, first.in_channels, *image_size)
+    was_training = stem.training
+    stem.eval()
+    try:
+        with torch.no_grad():
+            total, first_flops = forward_flops(stem, image), forward_flops(first, image)
+    finally:
+        stem.train(was_training)
+    return float(total), float(first_flops), int(first.in_channels)
 
 
 # ------------------------------------------------------------------------------------- installation
