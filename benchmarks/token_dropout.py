@@ -262,7 +262,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], target: float, searches: di
     baselines = runs["baseline"]
     baseline_cpu = statistics.fmean(run["cpu_s"] for run in baselines)
     search_cpu = float(searched["search"]["cpu_seconds"])
-    time_to = {name: time_to_target(group, baselines, target) for name, group in runs.items()}
+    reached = {name: [first_reaching(run["curve"], target) for run in group] for name, group in runs.items()}
+    time_to = {name: time_to_target(points, baselines) for name, points in reached.items()}
     row: dict[str, Any] = {
         "target_knn_acc": target, "baseline_plateau": [plateau(run) for run in baselines],
         "baseline_cpu_s": baseline_cpu, "baseline_wall_s": statistics.fmean(run["wall_s"] for run in baselines),
@@ -276,11 +277,11 @@ def summarise(runs: dict[str, list[dict[str, Any]]], target: float, searches: di
     }
     cpu = time_to["searched schedule"]
     if all(c is not None for c in cpu):
-        reached = [first_reaching(run["curve"], target) for run in runs["searched schedule"]]
+        searched_points = reached["searched schedule"]
         row.update(per_seed_cpu_ratio=cpu, cpu_ratio=statistics.fmean(cpu),  # type: ignore[arg-type]
                    per_seed_cpu_ratio_with_search=[c + search_cpu / b["cpu_s"] for c, b in zip(cpu, baselines)],  # type: ignore[operator]
-                   wall_ratio=statistics.fmean(r["wall_s"] / b["wall_s"] for r, b in zip(reached, baselines)),  # type: ignore[index]
-                   first_evaluation=any(r is run["curve"][0] for r, run in zip(reached, runs["searched schedule"])))
+                   wall_ratio=statistics.fmean(r["wall_s"] / b["wall_s"] for r, b in zip(searched_points, baselines)),  # type: ignore[index]
+                   first_evaluation=any(r is run["curve"][0] for r, run in zip(searched_points, runs["searched schedule"])))
     final = {name: [run["final_knn_acc"] for run in group] for name, group in runs.items()}
     row["final_knn_acc"] = final
     row["cpu_s"] = {name: [run["cpu_s"] for run in group] for name, group in runs.items()}
@@ -290,10 +291,9 @@ def summarise(runs: dict[str, list[dict[str, Any]]], target: float, searches: di
     return row
 
 
-def time_to_target(runs: list[dict[str, Any]], baselines: list[dict[str, Any]], target: float) -> list[float | None]:
-    """Per seed: training-step CPU time until the run's first evaluation at or above ``target``, over the
-    same seed's baseline's whole training (``None``: never reached)."""
-    points = [first_reaching(run["curve"], target) for run in runs]
+def time_to_target(points: list[dict[str, float] | None], baselines: list[dict[str, Any]]) -> list[float | None]:
+    """Per seed: training-step CPU time until the run's first evaluation at or above the target (its
+    `first_reaching` point), over the same seed's baseline's whole training (``None``: never reached)."""
     return [None if point is None else point["cpu_s"] / baseline["cpu_s"] for point, baseline in zip(points, baselines)]
 
 
