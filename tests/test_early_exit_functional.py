@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from stacktrain.errors import StackError
 from stacktrain.functional.early_exit import (
     apply_early_exit,
     assign_exits,
@@ -130,3 +131,28 @@ def test_other_staged_cnns(name, points):
     for segment in staged.segments:
         features = segment(features)
     assert features.shape[1] == staged.exit_channels[-1]
+
+
+def test_vit_exit_heads_pool_as_the_vit_head_does():
+    """A ViT that averages its patch tokens gets exit heads that average them too (the class token
+    is left out); a class-token ViT's heads read the class token; other poolings are refused."""
+    torch.manual_seed(0)
+    kwargs = dict(img_size=16, patch_size=4, embed_dim=8, depth=2, num_heads=2, stem_channels=4, stem_layers=1)
+    network = apply_early_exit("vit_convstem_tiny", 3, ["blocks.0", "blocks.1"], in_chans=1, model_kwargs=kwargs)
+    head = network.heads[0]
+    assert network.backbone.vit_pool == "avg" and head.pool == "avg"
+    tokens = torch.randn(2, 17, 8)  # class token + 16 patch tokens
+    expected = head.linear(head.norm(tokens)[:, 1:].mean(dim=1))
+    assert torch.allclose(head(tokens), expected)
+    tokens_changed = tokens.clone()
+    tokens_changed[:, 0] += 5.0  # the class token does not reach an averaging head
+    assert torch.allclose(head(tokens_changed), expected, atol=1e-6)
+
+    token_network = apply_early_exit("vit_convstem_tiny", 3, ["blocks.1"], in_chans=1,
+                                     model_kwargs=dict(kwargs, global_pool="token"))
+    token_head = token_network.heads[0]
+    assert token_head.pool == "token"
+    assert torch.allclose(token_head(tokens), token_head.linear(token_head.norm(tokens)[:, 0]))
+
+    with pytest.raises(StackError, match="global_pool"):
+        StagedBackbone("vit_convstem_tiny", in_chans=1, model_kwargs=dict(kwargs, global_pool="max"))

@@ -54,6 +54,8 @@ class StagedBackbone(nn.Module):
         segments: ``nn.ModuleList``; segment ``s`` maps the previous segment's output (the image
             for the first) to the features at exit ``s``.
         vit: the timm ``VisionTransformer`` itself for ViT backbones (None for CNNs).
+        vit_pool: how that ViT pools its tokens for its head (timm's ``global_pool``), which the
+            exit heads imitate.
     """
 
     def __init__(
@@ -83,6 +85,13 @@ class StagedBackbone(nn.Module):
                 probe = create_timm_model(model_name, num_classes=0, in_chans=in_chans, pretrained=pretrained,
                                           model_kwargs=kwargs, source=source, key_prefix=key_prefix)
             layers, points, channels = self._vit_layers(probe)
+            self.vit_pool = getattr(probe, "global_pool", "token")
+            if self.vit_pool not in TokenExitHead.POOLS:
+                raise StackError(
+                    f"pools its tokens by {self.vit_pool!r}, which the exit heads cannot imitate",
+                    source=source, key=f"{key_prefix}.backbone_kwargs.global_pool", value=self.vit_pool,
+                    fix=f"use global_pool one of {TokenExitHead.POOLS}",
+                )
         else:
             self.kind = "cnn"
             del probe
@@ -230,18 +239,27 @@ class ConvExitHead(nn.Module):
 
 
 class TokenExitHead(nn.Module):
-    """Classifier on ViT tokens: LayerNorm, the class token (or the mean of the patch tokens when the
-    ViT has no prefix token), linear."""
+    """Classifier on ViT tokens: LayerNorm, pooling as the ViT's own head pools (timm's
+    ``global_pool``: "token" reads the class token, "avg" averages the patch tokens), linear.
 
-    def __init__(self, width: int, num_classes: int, num_prefix_tokens: int = 1) -> None:
+    A ViT trained to average its patch tokens keeps its class token only as a passenger; reading that
+    token at the exits would train the exits on a different summary than the network's own head.
+    A ViT with no prefix token is averaged whatever ``pool`` says."""
+
+    POOLS = ("token", "avg")
+
+    def __init__(self, width: int, num_classes: int, num_prefix_tokens: int = 1, pool: str = "token") -> None:
         super().__init__()
+        if pool not in self.POOLS:
+            raise ValueError(f"exit heads pool by one of {self.POOLS}, not {pool!r}")
         self.norm = nn.LayerNorm(width)
         self.num_prefix_tokens = num_prefix_tokens
+        self.pool = pool if num_prefix_tokens else "avg"
         self.linear = nn.Linear(width, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = self.norm(tokens)
-        pooled = tokens[:, 0] if self.num_prefix_tokens else tokens.mean(dim=1)
+        pooled = tokens[:, 0] if self.pool == "token" else tokens[:, self.num_prefix_tokens:].mean(dim=1)
         return self.linear(pooled)
 
 
@@ -261,7 +279,8 @@ class EarlyExitNetwork(nn.Module):
         heads = []
         for index, channels in enumerate(backbone.exit_channels):
             if backbone.kind == "vit":
-                heads.append(TokenExitHead(channels, num_classes, backbone.vit.num_prefix_tokens))
+                heads.append(TokenExitHead(channels, num_classes, backbone.vit.num_prefix_tokens,
+                                           backbone.vit_pool))
             else:
                 last = index == self.num_exits - 1
                 heads.append(ConvExitHead(channels, num_classes, None if last else head_hidden))
