@@ -3,19 +3,20 @@ they cost. Plain torch (no Lightning), usable on any timm or open_clip ViT witho
 
 The pieces, in the order a ViT uses them::
 
-    images -> patch embedding   (FlexiPatchConv: patch scale s, FlexiViT-style or lower resolution)
+    images -> patch embedding      (FlexiPatchConv: patch scale s, FlexiViT-style or lower resolution)
            -> + position embedding (resampled to the new grid with timm's resample_abs_pos_embed)
-           -> TokenDropoutLayer      (keep a random subset of patch tokens per sample, prefix tokens kept)
+           -> TokenDropoutLayer    (keep a random subset of patch tokens per sample, prefix tokens kept)
            -> transformer blocks   (cost ~ sequence length, attention ~ its square)
 
-`apply_token_dropout` puts both into a ViT *without changing its state_dict keys* (the
-dropout module has no state; the patch convolution keeps the same weight and bias) and returns a
-`TokenDropoutHandle` handle whose ``set(keep_ratio, patch_scale)`` changes the compression between
-steps; ``remove()`` restores the ViT. Both modules act in training mode only: evaluation always sees
-the full sequence. Inside ``with suspend_token_dropout(model):`` the dropout of every `TokenDropoutLayer`
-in ``model`` lets all tokens through while patch scaling stays on (asymmetric token dropout: one view
-of a pair dropped, the other full, both at the same patch scale), and `token_dropout_active` says whether a
-training forward would drop tokens at all. `ViTCostModel` gives a ViT's training FLOPs as a function of the sequence length.
+`apply_token_dropout` puts both into a ViT *without changing its state_dict keys* (the dropout
+module has no state; the patch convolution keeps the same weight and bias) and returns a
+`TokenDropoutHandle` whose ``set(keep_ratio, patch_scale)`` changes the compression between steps;
+``remove()`` restores the ViT. Both modules act in training mode only: evaluation always sees the
+full sequence. Inside ``with suspend_token_dropout(model):`` the dropout of every `TokenDropoutLayer`
+in ``model`` lets all tokens through while patch scaling stays on (asymmetric token dropout: one
+view of a pair dropped, the other full, both at the same patch scale), and `token_dropout_active`
+says whether a training forward would drop tokens at all. `ViTCostModel` gives a ViT's training
+FLOPs as a function of the sequence length.
 
 Functional use, e.g. in a plain PyTorch loop::
 
