@@ -11,11 +11,20 @@
    as PTNL makes it (every class keeps exactly 16 samples, 0 / 2 / 4 / 8 of them images of other
    classes: 0, 12.5, 25, 50 %); SGD lr 0.002, momentum 0.9, batch 32, 50 epochs, a one-epoch warm-up
    from 1e-5 then cosine decay; cross-entropy and GCE (q = 0.5). Features are cached (the frozen visual
-   tower runs once), so there is no augmentation. The context: 16 random vectors (CoOp's default, the
-   grid's; ``--context``) against "a photo of a" (4 vectors, starting at the zero-shot prompt), both
-   at 0 and 50 % noise. A 2-seed look before the full run (CE / GCE at 0 %: 0.750 / 0.739 with 16
-   random vectors, 0.700 / 0.700 from "a photo of a", which barely moves from zero-shot's 0.697 in 50
-   epochs at lr 0.002) chose the 16 random vectors.
+   tower runs once), so there is no augmentation. The context of the grid (``--context``): 16 random
+   vectors per class (CoOp's class-specific context, "CSC"), chosen on validation data (below). Every
+   other context runs on the cells the claims are judged on (CE and GCE at 0 and 50 % noise,
+   unsupervised), with the claims judged for it too: 16 random vectors shared by the classes (CoOp's
+   default and PTNL's) and "a photo of a" (4 vectors, starting at the zero-shot prompt).
+   Recipe study before the full run, on the 500 validation images (zero-shot 0.682 there), seeds 0-2
+   unless said: shared context, CE at 0 %: 50 epochs 0.743 (seeds 0-1), 100 epochs 0.735 (seeds 0-3),
+   200 epochs (CoOp's 16-shot length) 0.757 / 0.758 / 0.582 (seed 2 collapsed), lr 1e-2 unstable
+   (0.762 / 0.452), 4 or 8 shared vectors at 200 epochs 0.743 / 0.729; shared context at 50 epochs,
+   GCE: 0.732 clean, 0.714 at 50 % noise, 0.691 unsupervised. Class-specific context at 50 epochs: CE
+   0.787, GCE 0.769 clean, 0.726 at 50 % noise, 0.718 unsupervised, CE at 50 % 0.606. So PTNL's 50
+   epochs stay (longer runs add no reliable gain) and the class-specific context, better on every
+   validation cell, is the grid's; it loses more of its clean gain under noise than the shared one
+   (both are judged).
 4. Unsupervised: zero-shot pseudo-labels, the 16 most confident per class (with their accuracy).
 5. Collapse diagnosis: the mean cosine similarity between the tuned class text embeddings (zero-shot's
    beside it): a prompt that maps every class to one direction shows it near 1.
@@ -47,7 +56,7 @@ from lightning.pytorch import Trainer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    DATA_HELP, LoopTimer, add_ratios, classification_data, compare, data_config, headroom, headroom_lines,
+    DATA_HELP, NO_HEADROOM, LoopTimer, add_ratios, classification_data, compare, data_config, headroom, headroom_lines,
     interval_text, meets_goal, paired, parser, publish, table, time_variants, verdict,
 )
 from stacktrain.datamodules import ShapesDataModule  # noqa: E402
@@ -79,8 +88,15 @@ NOISE_RATES = (0.0, 0.125, 0.25, 0.5)
 LOSSES = ("ce", "gce")
 #: The shift of the downstream task (pixels of Gaussian blur at 32 px; pretraining images are sharp).
 BLUR = 2.0
-#: CoOp's two context choices: the hand-written prompt's words, or 16 random vectors.
-CONTEXTS = {"a photo of a": dict(ctx_init="a photo of a"), "16 random": dict(n_ctx=16, ctx_init=None)}
+#: CoOp's context choices: the hand-written prompt's words, 16 random vectors shared by the classes, or
+#: 16 random vectors per class (CoOp's class-specific context, "CSC").
+CONTEXTS = {
+    "a photo of a": dict(ctx_init="a photo of a"),
+    "16 random": dict(n_ctx=16, ctx_init=None),
+    "16 random per class": dict(n_ctx=16, ctx_init=None, class_specific_context=True),
+}
+#: The context options `tune` takes from ``options`` (the rest go to `PromptTunedCLIP` as they are).
+CONTEXT_KEYS = ("n_ctx", "ctx_init", "class_specific_context")
 #: PTNL's warm-up: the first epoch at a constant 1e-5 (here a ramp from 1e-5, see `tune`).
 WARMUP_LR = 1e-5
 
@@ -93,7 +109,9 @@ def tune(weights: str, model_name: str, data: Any, *, epochs: int, lr: float, se
     momentum is not cycled. Returns the tuned module."""
     torch.manual_seed(seed)
     context = dict(CONTEXTS["16 random"])
-    context.update({k: options.pop(k) for k in ("n_ctx", "ctx_init") if k in options})
+    context.update({k: options.pop(k) for k in CONTEXT_KEYS if k in options})
+    if context.get("class_specific_context"):
+        context["class_names"] = list(data.class_names)  # one context per class: the names come first
     module = PromptTunedCLIP(
         model_name=model_name, pretrained=weights, shots=16, seed=seed,
         optimizer=partial(torch.optim.SGD, lr=lr, momentum=0.9),
@@ -224,6 +242,12 @@ def report(payload: dict[str, Any]) -> str:
     if unsupervised:
         lines += [f"Unsupervised: pseudo-labels {unsupervised['pseudo_label_acc']:.3f} right; gain over zero-shot per "
                   f"seed: {', '.join(f'{100 * (a - zero_shot):+.1f}' for a in unsupervised['accuracies'])} points.", ""]
+    for name, other in payload.get("other_contexts", {}).items():
+        other_rows = {cell: {"median": c["median"], "min": c["min"], "max": c["max"],
+                             "vs zero-shot": c["median"] - zero_shot, "class cos sim": c["class_similarity_median"]}
+                      for cell, c in other.items()}
+        lines += [f"Context {name!r} (same seeds and recipe):", "",
+                  table(other_rows, ["median", "min", "max", "vs zero-shot", "class cos sim"]), ""]
     if payload.get("context_comparison"):
         lines += ["Context (paired over seeds, other context - grid context):", "",
                   table(payload["context_comparison"], ["figure"]), ""]
@@ -237,12 +261,21 @@ def report(payload: dict[str, Any]) -> str:
 
 def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
     """Issue 21's claims, shown only where the task has headroom (zero-shot below 0.93, above chance,
-    a linear probe at least 5 points above it). Paired: every cell uses seeds 0..n-1."""
-    zero_shot, cells = payload["zero_shot"], payload["cells"]
-    room = payload["headroom"]
+    a linear probe at least 5 points above it). Paired: every cell uses seeds 0..n-1. The claims are
+    judged for the grid's context and again for every other context measured on the same cells."""
+    rows = context_verdicts(payload, payload["cells"], payload["context"], grid=True)
+    for name, cells in payload.get("other_contexts", {}).items():
+        rows += context_verdicts(payload, cells, name, grid=False)
+    return rows
+
+
+def context_verdicts(payload: dict[str, Any], cells: dict[str, Any], context: str, grid: bool) -> list[dict[str, str]]:
+    """The claims on one context's cells; rows of a context other than the grid's name it."""
+    zero_shot, room = payload["zero_shot"], payload["headroom"]
     ok, reason = room["ok"], room["reason"]
-    rows = []
     probe = payload["linear_probe"]["test"]
+    tag = "" if grid else f" [context {context}]"
+    rows = []
 
     def why(outcome: str, text: str) -> str:
         """The headroom reason when not shown for lack of it; else, for a claim that does not hold, what
@@ -253,25 +286,30 @@ def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
         gains = [a - zero_shot for a in cells[f"{loss} noise 0%"]["accuracies"]]
         outcome = meets_goal(gains, 0.05, at_most=False, headroom_ok=ok)
         best = max(cells[f"{loss} noise 0%"]["accuracies"])
-        rows.append(verdict(f"Tuned ({loss.upper()}) beats zero-shot by at least 5 points at 0% noise", outcome,
+        rows.append(verdict(f"Tuned ({loss.upper()}) beats zero-shot by at least 5 points at 0% noise{tag}", outcome,
                             f"mean {100 * statistics.fmean(gains):+.2f} points over zero-shot {zero_shot:.3f} "
                             f"(seeds {', '.join(f'{100 * g:+.1f}' for g in gains)})",
                             reason=why(outcome, f"the frozen features allow {probe:.3f} (linear probe) but the prompt "
-                                                f"reaches at most {best:.3f} in PTNL's 50 epochs at lr {payload['lr']:g} "
-                                                "(recipe not tuned)"),
+                                                f"reaches at most {best:.3f} in {payload['epochs']} epochs at lr "
+                                                f"{payload['lr']:g} (longer runs: see the module docstring)"),
                             paper="CoOp: 16-shot prompts beat zero-shot CLIP"))
     clean, noisy = cells["gce noise 0%"]["accuracies"], cells["gce noise 50%"]["accuracies"]
     stats = paired(clean, noisy)
-    outcome = compare(stats, "not_worse", 0.03, ok)
-    rows.append(verdict("GCE at 50% noise within 3 points of its clean accuracy", outcome,
+    # "within 3 points of clean" says something only of a prompt that learned more than 3 points: one
+    # that stays at zero-shot (the phrase context barely moves) meets it without resisting any noise
+    learned = statistics.fmean(clean) - zero_shot
+    outcome = compare(stats, "not_worse", 0.03, ok and learned > 0.03)
+    rows.append(verdict(f"GCE at 50% noise within 3 points of its clean accuracy{tag}", outcome,
                         "50% - 0%: " + interval_text(stats),
-                        reason=why(outcome, f"mean drop {-100 * stats['diff_mean']:.1f} points, but the interval's "
-                                            f"lower end {100 * stats['diff_low']:+.1f} reaches past -3: "
-                                            f"{stats['n']} seeds cannot exclude a larger drop"),
+                        reason=reason if not ok else
+                        f"the clean prompt gains only {100 * learned:+.1f} points over zero-shot: staying within 3 "
+                        "points of it says nothing about noise" if outcome == NO_HEADROOM else
+                        why(outcome, f"mean drop {-100 * stats['diff_mean']:.1f} points; the interval's lower end "
+                                     f"{100 * stats['diff_low']:+.1f} reaches past -3"),
                         paper="PTNL: prompt tuning is robust to noise"))
     above = [a - zero_shot for a in noisy]
     outcome = meets_goal(above, 0.0, at_most=False, headroom_ok=ok)
-    rows.append(verdict("GCE at 50% noise above zero-shot", outcome,
+    rows.append(verdict(f"GCE at 50% noise above zero-shot{tag}", outcome,
                         f"mean {100 * statistics.fmean(above):+.2f} points (seeds "
                         f"{', '.join(f'{100 * g:+.1f}' for g in above)})",
                         reason=why(outcome, "the tuned prompt loses what it gained over zero-shot under noise"),
@@ -279,7 +317,7 @@ def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
     stats = paired(cells["ce noise 50%"]["accuracies"], noisy)
     ce_sim = cells["ce noise 50%"].get("class_similarity_median")
     outcome = compare(stats, "beats", 0.0, ok)
-    rows.append(verdict("GCE beats CE at 50% noise", outcome,
+    rows.append(verdict(f"GCE beats CE at 50% noise{tag}", outcome,
                         "GCE - CE: " + interval_text(stats)
                         + (f"; CE's class text embeddings: cos sim {ce_sim:.3f} (zero-shot "
                            f"{payload['zero_shot_similarity']:.3f})" if ce_sim is not None else ""),
@@ -289,13 +327,13 @@ def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
         gains = [a - zero_shot for a in unsupervised["accuracies"]]
         worst = min(gains)
         outcome = meets_goal(worst, 0.02, at_most=False, headroom_ok=ok)
-        rows.append(verdict("Unsupervised prompt tuning beats zero-shot by at least 2 points on every seed", outcome,
-                            f"worst seed {100 * worst:+.2f} points, mean {100 * statistics.fmean(gains):+.2f} "
+        rows.append(verdict(f"Unsupervised prompt tuning beats zero-shot by at least 2 points on every seed{tag}",
+                            outcome, f"worst seed {100 * worst:+.2f} points, mean {100 * statistics.fmean(gains):+.2f} "
                             f"(pseudo-labels {unsupervised['pseudo_label_acc']:.3f} right)",
                             reason=why(outcome, f"the pseudo-labels are zero-shot's {unsupervised['pseudo_label_acc']:.0%}"
                                                 "-right most confident predictions, the images zero-shot already "
-                                                "gets right: tuning on them reproduces zero-shot's decisions "
-                                                f"(tuned {unsupervised['median']:.3f}, zero-shot {zero_shot:.3f})"),
+                                                "gets right: tuning on them mostly reproduces zero-shot's decisions "
+                                                f"(tuned median {unsupervised['median']:.3f}, zero-shot {zero_shot:.3f})"),
                             paper="UPL: unsupervised prompts beat zero-shot"))
     return rows
 
@@ -306,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments.add_argument("--seeds", type=int, default=5, help="paired seeds per cell (default 5)")
     arguments.add_argument("--epochs", type=int, default=50, help="epochs per run (PTNL: 50)")
     arguments.add_argument("--lr", type=float, default=2e-3, help="SGD learning rate (CoOp/PTNL: 2e-3)")
-    arguments.add_argument("--context", choices=list(CONTEXTS), default="16 random",
+    arguments.add_argument("--context", choices=list(CONTEXTS), default="16 random per class",
                            help="the context of the main grid (the other one runs at 0 and 50%% noise)")
     arguments.add_argument("--timing-steps", type=int, default=100, help="steps of the step-time runs")
     arguments.add_argument("--timing-repeats", type=int, default=3, help="repeats of the step-time runs")
@@ -382,14 +420,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                               label_noise=rate, **context)
     cells["unsupervised (gce)"] = run_cell("unsupervised (gce)", loss="gce", unsupervised=True, **context)
 
-    other_name = next(name for name in CONTEXTS if name != args.context)
-    comparison, other_cells = {}, {}
-    for loss in LOSSES:
-        for rate in (0.0, 0.5):
-            key = f"{loss} noise {100 * rate:g}%"
-            other_cells[key] = run_cell(f"[{other_name}] {key}", loss=loss, label_noise=rate, **CONTEXTS[other_name])
-            stats = paired(cells[key]["accuracies"], other_cells[key]["accuracies"])
-            comparison[f"{other_name} - {args.context}, {key}"] = {"figure": interval_text(stats), "stats": stats}
+    # every other context on the cells the claims are judged on: clean, 50% noise, unsupervised
+    comparison, other_contexts = {}, {}
+    for other_name in (name for name in CONTEXTS if name != args.context):
+        other_cells = other_contexts[other_name] = {}
+        for loss in LOSSES:
+            for rate in (0.0, 0.5):
+                key = f"{loss} noise {100 * rate:g}%"
+                other_cells[key] = run_cell(f"[{other_name}] {key}", loss=loss, label_noise=rate,
+                                            **CONTEXTS[other_name])
+                stats = paired(cells[key]["accuracies"], other_cells[key]["accuracies"])
+                comparison[f"{other_name} - {args.context}, {key}"] = {"figure": interval_text(stats), "stats": stats}
+        other_cells["unsupervised (gce)"] = run_cell(f"[{other_name}] unsupervised (gce)", loss="gce",
+                                                     unsupervised=True, **CONTEXTS[other_name])
 
     # step time: the same run with and without feature caching, taking turns
     def timed(cache: bool):
@@ -412,7 +455,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "zero_shot": zero_shot, "zero_shot_similarity": class_similarity(zero_shot_text), "linear_probe": probe,
         "logit_scale": float(logit_scale.exp()),
         "chance": chance, "test_images": len(test_labels), "headroom": room, "cells": cells,
-        "other_context": {"context": other_name, "cells": other_cells},
+        "other_contexts": other_contexts,
         "context_comparison": {k: {"figure": v["figure"]} for k, v in comparison.items()},
         "context_stats": {k: v["stats"] for k, v in comparison.items()},
         "step_time": timings, "timing_steps": args.timing_steps, "timing_repeats": args.timing_repeats,

@@ -8,6 +8,7 @@ import torch
 
 from conftest import CONFIGS
 from ddp_harness import assert_states_equal, check, load_rank_states, run_ddp
+from stacktrain.datamodules.shapes import SHAPES
 from stacktrain.functional.clip import create_clip_model
 
 pytestmark = pytest.mark.ddp
@@ -33,6 +34,7 @@ def test_prompt_tuning_on_two_processes_keeps_the_prompt_identical(tmp_path):
     assert_states_equal(rank0["model"], rank1["model"])
     from stacktrain.lightning_modules import PromptTunedCLIP
 
-    fresh = PromptTunedCLIP("stacktrain-micro-clip", pretrained=str(weights), n_ctx=4, shots=4)
+    fresh = PromptTunedCLIP("stacktrain-micro-clip", pretrained=str(weights), n_ctx=4, shots=4,
+                            class_specific_context=True, class_names=SHAPES)
     assert not torch.equal(fresh.prompt.ctx, rank0["model"]["prompt.ctx"])  # it trained
     assert torch.equal(fresh.model.logit_scale, rank0["model"]["model.logit_scale"])  # the towers did not
