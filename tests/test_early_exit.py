@@ -18,7 +18,7 @@ from stacktrain.errors import StackError
 from stacktrain.functional.early_exit import (
     assign_exits,
 )
-from stacktrain.functional.early_exit_network import StagedBackbone
+from stacktrain.functional.early_exit_network import BatchSlices, StagedBackbone
 from stacktrain.functional.flops import forward_flops
 from stacktrain.lightning_modules import BoostedEarlyExit
 
@@ -195,7 +195,7 @@ def test_ensemble_form_and_weight_defaults_and_errors():
         BoostedEarlyExit("resnet10t", in_chans=1, ensemble_weight=0.0)
 
 
-def test_inference_copy_folds_batchnorm_and_predicts_the_same():
+def test_inference_copy_folds_batchnorm_slices_the_first_stage_and_predicts_the_same():
     torch.manual_seed(0)
     module = BoostedEarlyExit("stacktrain_vgg", in_chans=1, backbone_kwargs={"width": 8, "stage_convs": [1, 1, 1, 1]})
     module.eval()
@@ -203,8 +203,10 @@ def test_inference_copy_folds_batchnorm_and_predicts_the_same():
         if isinstance(norm, torch.nn.BatchNorm2d):
             norm.running_mean.uniform_(-0.5, 0.5)
             norm.running_var.uniform_(0.5, 2.0)
-    fast = module.network.for_inference(channels_last=True)
+    fast = module.network.for_inference(channels_last=True, first_segment_rows=5)  # 16 rows: slices 5, 5, 5, 1
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert isinstance(fast.backbone.segments[0], BatchSlices) and fast.backbone.segments[0].rows == 5
+    assert not any(isinstance(m, BatchSlices) for m in fast.backbone.segments[1:])
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in module.network.modules())  # the original is untouched
     images = torch.randn(16, 1, 32, 32)
     with torch.no_grad():
