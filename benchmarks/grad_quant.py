@@ -10,8 +10,11 @@ update; Adam renormalises it away), meta learning rate 1e-3, the hypernetwork on
 weights only:
   cnn  timm ``stacktrain_vgg`` (BN VGG-style, width 32) at 32 px, SGD 0.1, momentum 0.9, weight decay
        5e-4, OneCycle, 8 epochs (0.89 dense on the cluttered digits in the calibration)
-  vit  a tiny timm ViT (16 px, 4 px patches, width 64, depth 4), SGD 0.05, momentum 0.9, weight decay
-       5e-4, OneCycle, 10 epochs (this recipe is not calibrated on the cluttered digits)
+  vit  ``vit_convstem_tiny`` (stacktrain/vit_convstem.py: 32 px, patch 4, width 96, depth 6, a 3-layer conv
+       stem, average pooling; 0.80 with AdamW in 15 epochs, configs/vit_convstem_cluttered.yaml), SGD
+       0.05, momentum 0.9, weight decay 5e-4, OneCycle, 15 epochs (``--optimizer adamw``: AdamW 1e-3)
+  vit_plain  the earlier tiny timm ViT (16 px, 4 px patches, width 64, depth 4), SGD 0.05, 10 epochs;
+       it does not learn the cluttered digits (about 0.2, calibration.json)
 ``--optimizer adamw`` runs the earlier AdamW recipe instead. Accuracy is measured on the held-out images
 (validation + test splits).
 
@@ -64,16 +67,19 @@ SCOPE = [
     "lightning_modules/classifier.py",
     "stacktrain/models.py",
     "stacktrain/vgg.py",
+    "stacktrain/vit_convstem.py",
     "stacktrain/optim.py",
 ]
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "cnn": dict(model_name="stacktrain_vgg", model_kwargs={"width": 32}, image_size=None, lr=0.1, weight_decay=5e-4,
                 adamw_lr=3e-3, adamw_weight_decay=0.05, one_cycle=True, epochs=8),
-    "vit": dict(model_name="vit_tiny_patch16_224",
-                model_kwargs=dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
-                image_size=16, lr=0.05, weight_decay=5e-4, adamw_lr=2e-3, adamw_weight_decay=0.01, one_cycle=True,
-                epochs=10),
+    "vit": dict(model_name="vit_convstem_tiny", model_kwargs={}, image_size=None, lr=0.05, weight_decay=5e-4,
+                adamw_lr=1e-3, adamw_weight_decay=0.05, one_cycle=True, epochs=15),
+    "vit_plain": dict(model_name="vit_tiny_patch16_224",
+                      model_kwargs=dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
+                      image_size=16, lr=0.05, weight_decay=5e-4, adamw_lr=2e-3, adamw_weight_decay=0.01,
+                      one_cycle=True, epochs=10),
 }
 
 #: MetaQuant's recipe for the hypernetwork: the linear meta-network on conv and linear weights, meta lr 1e-3.
@@ -367,7 +373,7 @@ def verdicts(payload: dict[str, Any]) -> list[dict[str, str]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments = parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="paired seeds")
-    arguments.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS),
+    arguments.add_argument("--settings", nargs="*", default=["cnn", "vit"], choices=list(SETTINGS),
                            help="accuracy settings to run (none: only the DDP part)")
     arguments.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                            help="accuracy variants to run (default: all; fp32 is always run, it is the reference)")
