@@ -6,7 +6,8 @@
     variant is a whole training run timed over ``--steps`` steps after 3 untimed warm-up steps; the
     variants take turns over ``--repeats`` rounds and the median is kept.
 (b) Self-supervised pretraining with SimCLR, MoCo v3 and DINO (configs/<method>_token_dropout.yaml) on
-    ``--data`` (the configs' digits by default; the wrapped data module is swapped for another), under
+    ``--data`` (the configs' digits by default; the wrapped data module is swapped for another, and
+    ``--data cluttered`` takes configs/<method>_cluttered.yaml where there is one), under
     BENCHMARKS.md, ``--seeds`` paired seeds, k-NN after every epoch, cost the process CPU time of the
     training steps (EfficiencyReport; evaluation excluded), wall time beside it:
     1. the full-sequence baselines set the target, their plateau (the mean over seeds of each run's last
@@ -19,11 +20,16 @@
     4. constant keep 0.5 and constant patch scale 2 train for the epochs that spend the searched run's
        FLOPs (the search's measured step costs); final k-NN compared with the searched run, paired.
 
+    Runs go ``--jobs`` at a time in worker processes (`benchmarks/ssl_runs.py`); with ``--runs-dir`` every
+    finished run and search is kept and reused, so a benchmark of many hours can be stopped and continued.
+
     python benchmarks/token_dropout.py [--small] [--parts a,b] [--methods simclr,mocov3,dino] [--seeds 3] [--data D]
+        [--jobs 2] [--runs-dir DIR]
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import sys
@@ -33,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,7 +48,9 @@ from benchmarks.common import (  # noqa: E402
     classification_data, compare, data_config, data_name, interval_text, meets_goal, paired, parser, publish, table,
     task_headroom, time_variants, verdict,
 )
-from stacktrain.callbacks import EfficiencyReport, TokenDropout  # noqa: E402
+from benchmarks.common import code_digests  # noqa: E402
+from benchmarks.ssl_runs import RunSpec, run_specs, scope_files  # noqa: E402
+from stacktrain.callbacks import TokenDropout  # noqa: E402
 from stacktrain.functional.token_dropout_schedule import read_schedule_file  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
 
@@ -64,6 +72,8 @@ SCOPE = [
     "lightning_modules/classifier.py",
     "stacktrain/models.py",
     "stacktrain/optim.py",
+    "stacktrain/vit_convstem.py",
+    "benchmarks/ssl_runs.py",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,21 +129,6 @@ def step_times(steps: int, repeats: int, batch_size: int, vit: dict, data: str =
 
 
 # ------------------------------------------------------------------------------ (b) time to accuracy
-class KnnCurve(Callback):
-    """After every validation: (epoch, step, k-NN accuracy, cumulative training-step CPU and wall time)."""
-
-    def __init__(self, report: EfficiencyReport) -> None:
-        self.report = report
-        self.points: list[dict[str, float]] = []
-
-    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking or "val/knn_acc" not in trainer.callback_metrics:
-            return
-        self.points.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
-                            "knn_acc": float(trainer.callback_metrics["val/knn_acc"]),
-                            "cpu_s": self.report.step_cpu_s, "wall_s": self.report.step_wall_s})
-
-
 def overrides_for(settings: dict[str, Any], args: Any) -> list[str]:
     """Command-line overrides of a config (its parsed YAML, ``settings``): ``--data`` (the configs' data is
     the digits), smoke-mode limits and, if asked, the ViT's width/depth. The number of epochs is set per
@@ -164,35 +159,6 @@ def overrides_for(settings: dict[str, Any], args: Any) -> list[str]:
     return extra
 
 
-def ssl_run(config: str, seed: int, overrides: list[str], scratch: str, epochs: int, *,
-            technique: TokenDropout | None = None, checkpoints: str | None = None) -> dict[str, Any]:
-    """One whole SSL run of ``config`` for ``epochs`` epochs (its LR schedule over that length), with the
-    config's gradient clipping, k-NN after every epoch; ``technique`` compresses it, ``checkpoints``
-    keeps `ProgressCheckpoints` for the schedule search."""
-    from stacktrain.search_schedule import ProgressCheckpoints, _load
-
-    model, datamodule, settings = _load(config, [*overrides, "--trainer.max_epochs", str(epochs),
-                                                 "--seed_everything", str(seed)])
-    seed_everything(seed)
-    report = EfficiencyReport(dirpath=scratch)
-    curve = KnnCurve(report)
-    callbacks: list[Callback] = [report, curve]
-    if technique is not None:
-        callbacks.insert(0, technique)
-    if checkpoints is not None:
-        callbacks.append(ProgressCheckpoints(CHECKPOINTS, dirpath=checkpoints))
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=settings["limit_train_batches"],
-                      limit_val_batches=settings["limit_val_batches"], gradient_clip_val=settings["gradient_clip_val"])
-    trainer.fit(model, datamodule)
-    flops = report.lines.get(("token_dropout", "train FLOPs/step"))
-    return {"seed": seed, "epochs": epochs, "curve": curve.points, "steps": trainer.global_step,
-            "cpu_s": report.step_cpu_s, "wall_s": report.step_wall_s,
-            "vit_flops_ratio": flops.ratio if flops else 1.0,
-            "final_knn_acc": curve.points[-1]["knn_acc"] if curve.points else float("nan")}
-
-
 def first_reaching(curve: list[dict[str, float]], target: float) -> dict[str, float] | None:
     return next((point for point in curve if point["knn_acc"] >= target - 1e-9), None)
 
@@ -220,39 +186,67 @@ def equal_budget_epochs(epochs: int, schedule_cost: float, constant_cost: float)
     return max(1, round(epochs * schedule_cost / constant_cost))
 
 
-def time_to_accuracy(method: str, args: Any, scratch: str) -> dict[str, Any]:
+def time_to_accuracy(method: str, args: Any, runs_dir: str) -> dict[str, Any]:
     """Baselines (checkpoints of the first seed kept), the search on those checkpoints, the searched
     schedule for as many epochs as the baseline, and the constant compressions at the searched run's
-    FLOPs; every run whole, k-NN after each epoch."""
-    from stacktrain.search_schedule import search_schedule
-
+    FLOPs; every run whole, k-NN after each epoch, ``args.jobs`` at a time, kept in ``runs_dir``."""
     import yaml
 
-    config = str(REPO / "configs" / CONFIGS[method])
+    config = config_path(method, args.data)
     settings = yaml.safe_load(Path(config).read_text())
-    overrides = overrides_for(settings, args)
+    overrides = tuple(overrides_for(settings, args))
     epochs = args.epochs or int(settings["trainer"]["max_epochs"])
     seeds = list(range(args.seeds))
-    checkpoints = str(Path(scratch) / f"{method}_checkpoints")
-    baselines = [ssl_run(config, seed, overrides, scratch, epochs, checkpoints=checkpoints if seed == seeds[0] else None)
-                 for seed in seeds]
-    target = statistics.fmean(plateau(run) for run in baselines)
+    folder = Path(runs_dir) / method
+    checkpoints = str(folder / "checkpoints")
+    run = partial(run_specs, runs_dir=str(folder), scope=SCOPE, jobs=args.jobs)
+    baselines = run([RunSpec(config, seed, overrides, epochs, checkpoints=checkpoints if seed == seeds[0] else None,
+                             checkpoint_points=CHECKPOINTS if seed == seeds[0] else ())
+                     for seed in seeds])
+    target = statistics.fmean(plateau(result) for result in baselines)
     searches = {}
     for name, budget in (("paper rule", None), ("budgeted", args.budget if args.budget is not None else BUDGETS[method])):
-        path = str(Path(scratch) / f"{method}_{name.replace(' ', '_')}.yaml")
-        searches[name] = {"path": path, **search_schedule(
-            config, budget, path, checkpoints=checkpoints, batches=args.batches,
-            overrides=[*overrides, "--trainer.max_epochs", str(epochs)], plot=False)}
+        searches[name] = stored_search(config, budget, str(folder / f"{name.replace(' ', '_')}.yaml"), checkpoints,
+                                       args.batches, [*overrides, "--trainer.max_epochs", str(epochs)])
     searched = searches[args.schedule]
-    runs = {"baseline": baselines, "searched schedule": [
-        ssl_run(config, seed, overrides, scratch, epochs, technique=TokenDropout(schedule_file=searched["path"]))
-        for seed in seeds]}
     budget_epochs = {"searched schedule": epochs}
+    specs = {"searched schedule": [RunSpec(config, seed, overrides, epochs, schedule_file=searched["path"])
+                                   for seed in seeds]}
     for name, (keep, scale) in CONSTANTS.items():
         budget_epochs[name] = equal_budget_epochs(epochs, searched["expected_cost"], candidate_cost(searched, keep, scale))
-        runs[name] = [ssl_run(config, seed, overrides, scratch, budget_epochs[name],
-                              technique=TokenDropout(keep_ratio=keep, patch_scale=scale)) for seed in seeds]
+        specs[name] = [RunSpec(config, seed, overrides, budget_epochs[name], keep_ratio=keep, patch_scale=scale)
+                       for seed in seeds]
+    results = iter(run([spec for group in specs.values() for spec in group]))
+    runs = {"baseline": baselines, **{name: [next(results) for _ in group] for name, group in specs.items()}}
     return summarise(runs, target, searches, budget_epochs, searched)
+
+
+def config_path(method: str, data: str) -> str:
+    """The method's config for ``data``: ``configs/<method>_cluttered.yaml`` (a ViT and recipe that learn the
+    cluttered digits) where there is one, else the digits config, whose data module `overrides_for` swaps."""
+    own = REPO / "configs" / f"{method}_{data}.yaml"
+    return str(own if data == "cluttered" and own.is_file() else REPO / "configs" / CONFIGS[method])
+
+
+def stored_search(config: str, budget: float | None, path: str, checkpoints: str, batches: int,
+                  overrides: list[str]) -> dict[str, Any]:
+    """`search_schedule` on ``checkpoints``, writing ``path``; the result is kept beside it (``.json``) and
+    reused while the checkpoints, the arguments and the measured code are the same."""
+    from stacktrain.search_schedule import INDEX, search_schedule
+
+    stored = Path(path).with_suffix(".json")
+    key = hashlib.sha256(json.dumps({
+        "config": Path(config).read_text(), "index": (Path(checkpoints) / INDEX).read_text(), "budget": budget,
+        "batches": batches, "overrides": overrides, "code": code_digests(scope_files(SCOPE))}, sort_keys=True).encode()
+    ).hexdigest()
+    if stored.is_file() and Path(path).is_file():
+        kept = json.loads(stored.read_text())
+        if kept.get("key") == key:
+            return kept["search"]
+    search = {"path": path, **search_schedule(config, budget, path, checkpoints=checkpoints, batches=batches,
+                                              overrides=overrides, plot=False)}
+    stored.write_text(json.dumps({"key": key, "search": search}))
+    return search
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], target: float, searches: dict[str, Any],
@@ -476,8 +470,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     arguments.add_argument("--schedule", choices=["paper rule", "budgeted"], default="budgeted",
                            help="(b) which searched schedule the runs use: the paper's rule alone or under --budget")
     arguments.add_argument("--batches", type=int, default=3, help="(b) measurement batches of the search")
+    arguments.add_argument("--jobs", type=int, default=1,
+                           help="(b) training runs side by side, one process each (CPU-time ratios stay per process)")
+    arguments.add_argument("--runs-dir", default=None,
+                           help="(b) keep every finished run and search here and reuse them when the same run of the "
+                                "same code is asked again: an interrupted benchmark continues (default: a temporary "
+                                "folder)")
+    arguments.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     add_data_argument(arguments, default="digits")
     args = arguments.parse_args(argv)
+    torch.set_num_threads(args.threads)
     vit = dict(STEP_VIT)
     if args.small:
         args.steps, args.repeats, args.seeds, args.epochs = 2, 1, 2, 2
@@ -497,11 +499,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     accuracy: dict[str, Any] = {}
     methods = [m for m in args.methods.split(",") if m] if "b" in parts else []
     for method in methods:
-        accuracy[method] = time_to_accuracy(method, args, scratch)
+        accuracy[method] = time_to_accuracy(method, args, args.runs_dir or scratch)
         row = accuracy[method]
         print(f"(b) {method}: target k-NN {row['target_knn_acc']:.4f}; reached by {row['reached']}/{row['seeds']} seeds; "
               f"final k-NN {({k: round(statistics.fmean(v), 4) for k, v in row['final_knn_acc'].items()})}", flush=True)
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "runs_dir")}
     payload = {"settings": settings, "step_vit": vit, "step_time": steps, "keep_0.5_gap_to_timm": gap,
                "time_to_accuracy": accuracy}
     publish("token_dropout", payload, args.out, report)

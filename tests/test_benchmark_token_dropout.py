@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 
-def test_token_dropout_benchmark_small(tmp_path):
-    from benchmarks import token_dropout
+def test_token_dropout_benchmark_small(tmp_path, monkeypatch):
+    from benchmarks import ssl_runs, token_dropout
 
-    out = tmp_path / "token_dropout.json"
-    token_dropout.main(["--small", "--out", str(out)])
+    out, runs = tmp_path / "token_dropout.json", str(tmp_path / "runs")
+    token_dropout.main(["--small", "--out", str(out), "--runs-dir", runs])
     payload = json.loads(out.read_text())
     assert payload["benchmark"] == "token_dropout"
     steps = payload["step_time"]
@@ -32,6 +32,20 @@ def test_token_dropout_benchmark_small(tmp_path):
     rows = {row["claim"]: row for row in token_dropout.verdicts(payload)}
     assert any(claim.startswith("simclr: the full-sequence baseline learns") for claim in rows)
     assert payload["markdown"] == token_dropout.report(payload)  # the report rebuilds from the JSON alone
+
+    # asked again with the same runs folder, nothing trains or searches: every run and search is reused
+    import stacktrain.search_schedule
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stored run or search was recomputed")
+
+    monkeypatch.setattr(ssl_runs.RunSpec, "run", refuse)
+    monkeypatch.setattr(stacktrain.search_schedule, "search_schedule", refuse)
+    again = tmp_path / "again.json"
+    token_dropout.main(["--small", "--parts", "b", "--out", str(again), "--runs-dir", runs])
+    reused = json.loads(again.read_text())["time_to_accuracy"]["simclr"]
+    assert reused["final_knn_acc"] == simclr["final_knn_acc"] and reused["cpu_s"] == simclr["cpu_s"]
+    assert reused["schedules"] == simclr["schedules"]
 
 
 def test_data_overrides_keep_a_config_written_for_the_task():
@@ -62,3 +76,26 @@ def test_data_overrides_keep_a_config_written_for_the_task():
     assert resized[:6] == ["--data.init_args.base.init_args.digit_size", "[10, 15]",
                            "--data.init_args.base.init_args.fragment_size", "4",
                            "--data.init_args.base.init_args.image_size", "24"]
+
+
+def test_stored_runs_are_keyed_by_what_decides_them(tmp_path):
+    """A stored run is reused only for the same spec, config bytes, schedule file and measured code."""
+    from benchmarks.ssl_runs import RunSpec
+    from benchmarks.token_dropout import SCOPE
+
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer: {max_epochs: 2}\n")
+    spec = RunSpec(str(config), 0, ("--trainer.limit_train_batches", "4"), 2)
+    key = spec.key(SCOPE)
+    assert RunSpec(str(config), 0, ("--trainer.limit_train_batches", "4"), 2).key(SCOPE) == key
+    assert RunSpec(str(config), 1, spec.overrides, 2).key(SCOPE) != key  # another seed
+    assert RunSpec(str(config), 0, spec.overrides, 2, keep_ratio=0.5).key(SCOPE) != key
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text("phases: [{end: 1.0, keep_ratio: 1.0, patch_scale: 1}]\n")
+    scheduled = RunSpec(str(config), 0, spec.overrides, 2, schedule_file=str(schedule))
+    first = scheduled.key(SCOPE)
+    schedule.write_text("phases: [{end: 0.5, keep_ratio: 0.5, patch_scale: 1}, {end: 1.0, keep_ratio: 1.0, patch_scale: 1}]\n")
+    assert scheduled.key(SCOPE) != first  # the schedule file's content, not only its path
+    config.write_text("trainer: {max_epochs: 3}\n")
+    assert spec.key(SCOPE) != key  # the config's content
+    assert spec.key([*SCOPE, "stacktrain/errors.py"]) != spec.key(SCOPE)  # the measured code

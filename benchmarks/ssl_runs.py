@@ -1,0 +1,182 @@
+"""Whole self-supervised training runs for `benchmarks/token_dropout.py`: one run (`ssl_run`), and a
+list of them (`run_specs`) run ``jobs`` at a time in worker processes and kept in a folder, so that a
+benchmark of many hours can use every core and continue where an interrupted invocation stopped.
+
+A run is described by a `RunSpec` (config, seed, overrides, epochs, the token dropout it trains
+with). Its result is stored as ``<runs_dir>/<key>.json``, where the key digests the spec, the bytes of
+the config and of the schedule file it reads, and the code the benchmark measures (its ``SCOPE``):
+a stored result is reused only for the same run of the same code. Training-step CPU time is each
+process's own, so runs side by side on separate cores keep comparable CPU figures (their wall times
+are not compared across runs that shared the machine differently).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+from benchmarks.common import REPOSITORY, code_digests
+from stacktrain.callbacks import EfficiencyReport, TokenDropout
+from stacktrain.search_schedule import INDEX, ProgressCheckpoints, _load
+
+__all__ = ["KnnCurve", "RunSpec", "run_specs", "scope_files", "ssl_run"]
+
+
+class KnnCurve(Callback):
+    """After every validation: (epoch, step, k-NN accuracy, cumulative training-step CPU and wall time)."""
+
+    def __init__(self, report: EfficiencyReport) -> None:
+        self.report = report
+        self.points: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking or "val/knn_acc" not in trainer.callback_metrics:
+            return
+        self.points.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
+                            "knn_acc": float(trainer.callback_metrics["val/knn_acc"]),
+                            "cpu_s": self.report.step_cpu_s, "wall_s": self.report.step_wall_s})
+
+
+def ssl_run(config: str, seed: int, overrides: Sequence[str], scratch: str, epochs: int, *,
+            technique: TokenDropout | None = None, checkpoints: str | None = None,
+            checkpoint_points: Sequence[float] = ()) -> dict[str, Any]:
+    """One whole SSL run of ``config`` for ``epochs`` epochs (its LR schedule over that length), with the
+    config's gradient clipping, k-NN after every epoch; ``technique`` compresses it, ``checkpoints``
+    keeps `ProgressCheckpoints` at ``checkpoint_points`` for the schedule search."""
+    model, datamodule, settings = _load(config, [*overrides, "--trainer.max_epochs", str(epochs),
+                                                 "--seed_everything", str(seed)])
+    seed_everything(seed)
+    report = EfficiencyReport(dirpath=scratch)
+    curve = KnnCurve(report)
+    callbacks: list[Callback] = [report, curve]
+    if technique is not None:
+        callbacks.insert(0, technique)
+    if checkpoints is not None:
+        callbacks.append(ProgressCheckpoints(checkpoint_points, dirpath=checkpoints))
+    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=settings["limit_train_batches"],
+                      limit_val_batches=settings["limit_val_batches"], gradient_clip_val=settings["gradient_clip_val"])
+    trainer.fit(model, datamodule)
+    flops = report.lines.get(("token_dropout", "train FLOPs/step"))
+    return {"seed": seed, "epochs": epochs, "curve": curve.points, "steps": trainer.global_step,
+            "cpu_s": report.step_cpu_s, "wall_s": report.step_wall_s,
+            "vit_flops_ratio": flops.ratio if flops else 1.0,
+            "final_knn_acc": curve.points[-1]["knn_acc"] if curve.points else float("nan")}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of `ssl_run`, picklable for a worker process: a constant compression (``keep_ratio``,
+    ``patch_scale``; 1 and 1 for none) or a ``schedule_file``, and optionally ``checkpoints`` (a
+    folder for `ProgressCheckpoints` at ``checkpoint_points``)."""
+
+    config: str
+    seed: int
+    overrides: tuple[str, ...]
+    epochs: int
+    keep_ratio: float = 1.0
+    patch_scale: int = 1
+    schedule_file: str | None = None
+    checkpoints: str | None = None
+    checkpoint_points: tuple[float, ...] = ()
+
+    def technique(self) -> TokenDropout | None:
+        if self.schedule_file is not None:
+            return TokenDropout(schedule_file=self.schedule_file)
+        if self.keep_ratio < 1.0 or self.patch_scale > 1:
+            return TokenDropout(keep_ratio=self.keep_ratio, patch_scale=self.patch_scale)
+        return None
+
+    def key(self, scope: Sequence[str]) -> str:
+        """Digest of what decides the run's result: the spec, the config's and schedule file's bytes
+        and the measured code (the files of ``scope``)."""
+        read = [self.config] + ([self.schedule_file] if self.schedule_file else [])
+        content = {"spec": asdict(self), "files": {path: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                                                   for path in read},
+                   "code": code_digests(scope_files(scope))}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
+
+    def run(self, scratch: str) -> dict[str, Any]:
+        return ssl_run(self.config, self.seed, list(self.overrides), scratch, self.epochs, technique=self.technique(),
+                       checkpoints=self.checkpoints, checkpoint_points=self.checkpoint_points)
+
+
+def scope_files(scope: Sequence[str]) -> list[str]:
+    """The repository's Python files named by ``scope`` (files, or folders ending in ``/``), sorted."""
+    files = set()
+    for entry in scope:
+        if entry.endswith("/"):
+            files |= {p.relative_to(REPOSITORY).as_posix() for p in (REPOSITORY / entry).rglob("*.py")}
+        else:
+            files.add(entry)
+    return sorted(files)
+
+
+def _stored(path: Path, spec: RunSpec) -> dict[str, Any] | None:
+    """A stored result, if it is there and (for a run that kept checkpoints) its checkpoints are too."""
+    if not path.is_file():
+        return None
+    if spec.checkpoints is not None and not (Path(spec.checkpoints) / INDEX).is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def _store(path: Path, result: dict[str, Any]) -> None:
+    """Written whole or not at all (an interrupted write leaves no half file to be reused)."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".part")
+    with os.fdopen(handle, "w") as file:
+        json.dump(result, file)
+    os.replace(temporary, path)
+
+
+def _worker_start(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _run_in_worker(spec: RunSpec, scratch: str) -> dict[str, Any]:
+    return spec.run(scratch)
+
+
+def run_specs(specs: Sequence[RunSpec], *, runs_dir: str, scope: Sequence[str], jobs: int = 1,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The results of ``specs`` in their order: stored ones read from ``runs_dir``, the others run
+    (``jobs`` at a time in spawned worker processes with this process's torch thread count; one job
+    runs them here) and stored as each finishes."""
+    folder = Path(runs_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{spec.key(scope)}.json" for spec in specs]
+    results: list[dict[str, Any] | None] = [_stored(path, spec) for path, spec in zip(paths, specs)]
+    todo = [index for index, result in enumerate(results) if result is None]
+    if len(specs) > len(todo):
+        log(f"ssl_runs: {len(specs) - len(todo)} of {len(specs)} runs reused from {runs_dir}")
+    scratch = str(folder / "scratch")
+
+    def done(index: int, result: dict[str, Any]) -> None:
+        results[index] = result
+        _store(paths[index], result)
+        spec = specs[index]
+        log(f"ssl_runs: seed {spec.seed}, {spec.epochs} epochs, keep {spec.keep_ratio:g} / scale {spec.patch_scale}"
+            f"{', schedule' if spec.schedule_file else ''}: final k-NN {result['final_knn_acc']:.4f}")
+
+    if jobs <= 1 or len(todo) <= 1:
+        for index in todo:
+            done(index, specs[index].run(scratch))
+    else:
+        with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"), initializer=_worker_start,
+                                 initargs=(torch.get_num_threads(),)) as pool:
+            futures = {pool.submit(_run_in_worker, specs[index], scratch): index for index in todo}
+            for future in as_completed(futures):
+                done(futures[future], future.result())
+    return [result for result in results if result is not None]
