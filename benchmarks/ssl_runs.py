@@ -30,7 +30,7 @@ from benchmarks.common import REPOSITORY, code_digests
 from stacktrain.callbacks import EfficiencyReport, TokenDropout
 from stacktrain.search_schedule import INDEX, ProgressCheckpoints, _load
 
-__all__ = ["KnnCurve", "RunSpec", "run_specs", "scope_files", "ssl_run"]
+__all__ = ["KnnCurve", "RunSpec", "code_state", "run_specs", "scope_files", "ssl_run", "stored_search"]
 
 
 class KnnCurve(Callback):
@@ -99,14 +99,12 @@ class RunSpec:
             return TokenDropout(keep_ratio=self.keep_ratio, patch_scale=self.patch_scale)
         return None
 
-    def key(self, scope: Sequence[str]) -> str:
+    def key(self, code: dict[str, str]) -> str:
         """Digest of what decides the run's result: the spec, the config's and schedule file's bytes
-        and the measured code (the files of ``scope``)."""
+        and the measured code (``code``: `code_state` of the benchmark's scope)."""
         read = [self.config] + ([self.schedule_file] if self.schedule_file else [])
-        content = {"spec": asdict(self), "files": {path: hashlib.sha256(Path(path).read_bytes()).hexdigest()
-                                                   for path in read},
-                   "code": code_digests(scope_files(scope))}
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
+        return _digest({"spec": asdict(self), "files": {path: hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                                                        for path in read}, "code": code})
 
     def run(self, scratch: str) -> dict[str, Any]:
         return ssl_run(self.config, self.seed, list(self.overrides), scratch, self.epochs, technique=self.technique(),
@@ -122,6 +120,16 @@ def scope_files(scope: Sequence[str]) -> list[str]:
         else:
             files.add(entry)
     return sorted(files)
+
+
+def code_state(scope: Sequence[str]) -> dict[str, str]:
+    """The content digest of every file of ``scope``: part of every key, so a stored result is reused
+    only for the code it was measured on."""
+    return code_digests(scope_files(scope))
+
+
+def _digest(content: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _stored(path: Path, spec: RunSpec) -> dict[str, Any] | None:
@@ -156,7 +164,8 @@ def run_specs(specs: Sequence[RunSpec], *, runs_dir: str, scope: Sequence[str], 
     runs them here) and stored as each finishes."""
     folder = Path(runs_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{spec.key(scope)}.json" for spec in specs]
+    code = code_state(scope)
+    paths = [folder / f"{spec.key(code)}.json" for spec in specs]
     results: list[dict[str, Any] | None] = [_stored(path, spec) for path, spec in zip(paths, specs)]
     todo = [index for index, result in enumerate(results) if result is None]
     if len(specs) > len(todo):
@@ -180,3 +189,22 @@ def run_specs(specs: Sequence[RunSpec], *, runs_dir: str, scope: Sequence[str], 
             for future in as_completed(futures):
                 done(futures[future], future.result())
     return [result for result in results if result is not None]
+
+
+def stored_search(config: str, budget: float | None, path: str, checkpoints: str, batches: int,
+                  overrides: Sequence[str], scope: Sequence[str]) -> dict[str, Any]:
+    """`search_schedule` on ``checkpoints``, writing ``path``; its result is kept beside it (``.json``) and
+    reused while the config, the checkpoints, the arguments and the measured code (``scope``) are the same."""
+    from stacktrain.search_schedule import search_schedule
+
+    stored = Path(path).with_suffix(".json")
+    key = _digest({"config": Path(config).read_text(), "index": (Path(checkpoints) / INDEX).read_text(),
+                   "budget": budget, "batches": batches, "overrides": list(overrides), "code": code_state(scope)})
+    if stored.is_file() and Path(path).is_file():
+        kept = json.loads(stored.read_text())
+        if kept.get("key") == key:
+            return kept["search"]
+    search = {"path": path, **search_schedule(config, budget, path, checkpoints=checkpoints, batches=batches,
+                                              overrides=list(overrides), plot=False)}
+    _store(stored, {"key": key, "search": search})
+    return search

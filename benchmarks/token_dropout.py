@@ -29,7 +29,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import statistics
 import sys
@@ -48,8 +47,7 @@ from benchmarks.common import (  # noqa: E402
     classification_data, compare, data_config, data_name, interval_text, meets_goal, paired, parser, publish, table,
     task_headroom, time_variants, verdict,
 )
-from benchmarks.common import code_digests  # noqa: E402
-from benchmarks.ssl_runs import RunSpec, run_specs, scope_files  # noqa: E402
+from benchmarks.ssl_runs import RunSpec, run_specs, stored_search  # noqa: E402
 from stacktrain.callbacks import TokenDropout  # noqa: E402
 from stacktrain.functional.token_dropout_schedule import read_schedule_file  # noqa: E402
 from stacktrain.lightning_modules import ImageClassifier  # noqa: E402
@@ -207,7 +205,7 @@ def time_to_accuracy(method: str, args: Any, runs_dir: str) -> dict[str, Any]:
     searches = {}
     for name, budget in (("paper rule", None), ("budgeted", args.budget if args.budget is not None else BUDGETS[method])):
         searches[name] = stored_search(config, budget, str(folder / f"{name.replace(' ', '_')}.yaml"), checkpoints,
-                                       args.batches, [*overrides, "--trainer.max_epochs", str(epochs)])
+                                       args.batches, [*overrides, "--trainer.max_epochs", str(epochs)], SCOPE)
     searched = searches[args.schedule]
     budget_epochs = {"searched schedule": epochs}
     specs = {"searched schedule": [RunSpec(config, seed, overrides, epochs, schedule_file=searched["path"])
@@ -226,27 +224,6 @@ def config_path(method: str, data: str) -> str:
     cluttered digits) where there is one, else the digits config, whose data module `overrides_for` swaps."""
     own = REPO / "configs" / f"{method}_{data}.yaml"
     return str(own if data == "cluttered" and own.is_file() else REPO / "configs" / CONFIGS[method])
-
-
-def stored_search(config: str, budget: float | None, path: str, checkpoints: str, batches: int,
-                  overrides: list[str]) -> dict[str, Any]:
-    """`search_schedule` on ``checkpoints``, writing ``path``; the result is kept beside it (``.json``) and
-    reused while the checkpoints, the arguments and the measured code are the same."""
-    from stacktrain.search_schedule import INDEX, search_schedule
-
-    stored = Path(path).with_suffix(".json")
-    key = hashlib.sha256(json.dumps({
-        "config": Path(config).read_text(), "index": (Path(checkpoints) / INDEX).read_text(), "budget": budget,
-        "batches": batches, "overrides": overrides, "code": code_digests(scope_files(SCOPE))}, sort_keys=True).encode()
-    ).hexdigest()
-    if stored.is_file() and Path(path).is_file():
-        kept = json.loads(stored.read_text())
-        if kept.get("key") == key:
-            return kept["search"]
-    search = {"path": path, **search_schedule(config, budget, path, checkpoints=checkpoints, batches=batches,
-                                              overrides=overrides, plot=False)}
-    stored.write_text(json.dumps({"key": key, "search": search}))
-    return search
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], target: float, searches: dict[str, Any],

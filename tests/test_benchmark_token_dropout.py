@@ -80,22 +80,24 @@ def test_data_overrides_keep_a_config_written_for_the_task():
 
 def test_stored_runs_are_keyed_by_what_decides_them(tmp_path):
     """A stored run is reused only for the same spec, config bytes, schedule file and measured code."""
-    from benchmarks.ssl_runs import RunSpec
+    from benchmarks.ssl_runs import RunSpec, code_state
     from benchmarks.token_dropout import SCOPE
+
+    code = code_state(SCOPE)
 
     config = tmp_path / "run.yaml"
     config.write_text("trainer: {max_epochs: 2}\n")
     spec = RunSpec(str(config), 0, ("--trainer.limit_train_batches", "4"), 2)
-    key = spec.key(SCOPE)
-    assert RunSpec(str(config), 0, ("--trainer.limit_train_batches", "4"), 2).key(SCOPE) == key
-    assert RunSpec(str(config), 1, spec.overrides, 2).key(SCOPE) != key  # another seed
-    assert RunSpec(str(config), 0, spec.overrides, 2, keep_ratio=0.5).key(SCOPE) != key
+    key = spec.key(code)
+    assert RunSpec(str(config), 0, ("--trainer.limit_train_batches", "4"), 2).key(code) == key
+    assert RunSpec(str(config), 1, spec.overrides, 2).key(code) != key  # another seed
+    assert RunSpec(str(config), 0, spec.overrides, 2, keep_ratio=0.5).key(code) != key
     schedule = tmp_path / "schedule.yaml"
     schedule.write_text("phases: [{end: 1.0, keep_ratio: 1.0, patch_scale: 1}]\n")
     scheduled = RunSpec(str(config), 0, spec.overrides, 2, schedule_file=str(schedule))
-    first = scheduled.key(SCOPE)
+    first = scheduled.key(code)
     schedule.write_text("phases: [{end: 0.5, keep_ratio: 0.5, patch_scale: 1}, {end: 1.0, keep_ratio: 1.0, patch_scale: 1}]\n")
-    assert scheduled.key(SCOPE) != first  # the schedule file's content, not only its path
+    assert scheduled.key(code) != first  # the schedule file's content, not only its path
     config.write_text("trainer: {max_epochs: 3}\n")
-    assert spec.key(SCOPE) != key  # the config's content
-    assert spec.key([*SCOPE, "stacktrain/errors.py"]) != spec.key(SCOPE)  # the measured code
+    assert spec.key(code) != key  # the config's content
+    assert spec.key(code_state([*SCOPE, "stacktrain/errors.py"])) != spec.key(code)  # the measured code
