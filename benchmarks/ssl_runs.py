@@ -5,7 +5,9 @@ benchmark of many hours can use every core and continue where an interrupted inv
 A run is described by a `RunSpec` (config, seed, overrides, epochs, the token dropout it trains
 with). Its result is stored as ``<runs_dir>/<key>.json``, where the key digests the spec, the bytes of
 the config and of the schedule file it reads, and the code the benchmark measures (its ``SCOPE``):
-a stored result is reused only for the same run of the same code. Training-step CPU time is each
+a stored result is reused only for the same run of the same code. While it trains, a run keeps its
+whole state after every epoch in ``<runs_dir>/<key>.ckpt`` (`EpochCheckpoint`): a run killed mid-way
+continues from its last finished epoch and ends as the uninterrupted run would. Training-step CPU time is each
 process's own, so runs side by side on separate cores keep comparable CPU figures (their wall times
 are not compared across runs that shared the machine differently).
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -23,14 +27,16 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import Checkpoint
 
 from benchmarks.common import REPOSITORY, code_digests
 from stacktrain.callbacks import EfficiencyReport, TokenDropout
-from stacktrain.search_schedule import INDEX, ProgressCheckpoints, _load
+from stacktrain.search_schedule import INDEX, ProgressCheckpoints, load_config
 
-__all__ = ["KnnCurve", "RunSpec", "code_state", "run_specs", "scope_files", "ssl_run", "stored_search"]
+__all__ = ["EpochCheckpoint", "KnnCurve", "RunSpec", "code_state", "run_specs", "scope_files", "ssl_run", "stored_search"]
 
 
 class KnnCurve(Callback):
@@ -47,28 +53,66 @@ class KnnCurve(Callback):
                             "knn_acc": float(trainer.callback_metrics["val/knn_acc"]),
                             "cpu_s": self.report.step_cpu_s, "wall_s": self.report.step_wall_s})
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"points": [dict(point) for point in self.points]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.points = [dict(point) for point in state_dict["points"]]
+
+
+class EpochCheckpoint(Checkpoint):
+    """The whole training state after every training epoch, with the process's random number generators,
+    written whole or not at all to ``path``. As a `Checkpoint` it runs after the module's own epoch-end
+    hook. The data modules and `TokenDropout` seed their draws by (seed, epoch, sample) and (seed, step)
+    already; the saved generators cover whatever else draws from the global ones (a model's dropout), so
+    a run killed mid-way loses at most one epoch and ends as the uninterrupted run would."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        handle, temporary = tempfile.mkstemp(dir=self.path.parent, suffix=".part")
+        os.close(handle)
+        trainer.save_checkpoint(temporary)
+        os.replace(temporary, self.path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        np.random.set_state(state_dict["numpy"])
+        random.setstate(state_dict["python"])
+
 
 def ssl_run(config: str, seed: int, overrides: Sequence[str], scratch: str, epochs: int, *,
             technique: TokenDropout | None = None, checkpoints: str | None = None,
-            checkpoint_points: Sequence[float] = ()) -> dict[str, Any]:
+            checkpoint_points: Sequence[float] = (), resume: str | None = None,
+            callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """One whole SSL run of ``config`` for ``epochs`` epochs (its LR schedule over that length), with the
     config's gradient clipping, k-NN after every epoch; ``technique`` compresses it, ``checkpoints``
-    keeps `ProgressCheckpoints` at ``checkpoint_points`` for the schedule search."""
-    model, datamodule, settings = _load(config, [*overrides, "--trainer.max_epochs", str(epochs),
+    keeps `ProgressCheckpoints` at ``checkpoint_points`` for the schedule search; ``resume`` (a file) keeps
+    an `EpochCheckpoint` there and continues from it when it exists; ``callbacks`` are added last."""
+    model, datamodule, settings = load_config(config, [*overrides, "--trainer.max_epochs", str(epochs),
                                                  "--seed_everything", str(seed)])
     seed_everything(seed)
     report = EfficiencyReport(dirpath=scratch)
     curve = KnnCurve(report)
-    callbacks: list[Callback] = [report, curve]
+    kept: list[Callback] = [report, curve]
     if technique is not None:
-        callbacks.insert(0, technique)
+        kept.insert(0, technique)
     if checkpoints is not None:
-        callbacks.append(ProgressCheckpoints(checkpoint_points, dirpath=checkpoints))
+        kept.append(ProgressCheckpoints(checkpoint_points, dirpath=checkpoints))
+    if resume is not None:
+        kept.append(EpochCheckpoint(resume))
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, callbacks=callbacks, limit_train_batches=settings["limit_train_batches"],
+                      enable_checkpointing=resume is not None, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, callbacks=[*kept, *callbacks],
+                      limit_train_batches=settings["limit_train_batches"],
                       limit_val_batches=settings["limit_val_batches"], gradient_clip_val=settings["gradient_clip_val"])
-    trainer.fit(model, datamodule)
+    continued = resume is not None and os.path.isfile(resume)
+    # our own file, holding numpy's and Python's generator states beside tensors
+    trainer.fit(model, datamodule, ckpt_path=resume if continued else None, weights_only=False if continued else None)
     flops = report.lines.get(("token_dropout", "train FLOPs/step"))
     return {"seed": seed, "epochs": epochs, "curve": curve.points, "steps": trainer.global_step,
             "cpu_s": report.step_cpu_s, "wall_s": report.step_wall_s,
@@ -106,9 +150,13 @@ class RunSpec:
         return _digest({"spec": asdict(self), "files": {path: hashlib.sha256(Path(path).read_bytes()).hexdigest()
                                                         for path in read}, "code": code})
 
-    def run(self, scratch: str) -> dict[str, Any]:
+    def run(self, scratch: str, resume: str | None = None) -> dict[str, Any]:
+        """The run, continued from ``resume`` when that file holds an `EpochCheckpoint` of it; started afresh,
+        it first clears its ``checkpoints`` folder (left by an unfinished or outdated run of it)."""
+        if self.checkpoints is not None and not (resume is not None and os.path.isfile(resume)):
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
         return ssl_run(self.config, self.seed, list(self.overrides), scratch, self.epochs, technique=self.technique(),
-                       checkpoints=self.checkpoints, checkpoint_points=self.checkpoint_points)
+                       checkpoints=self.checkpoints, checkpoint_points=self.checkpoint_points, resume=resume)
 
 
 def scope_files(scope: Sequence[str]) -> list[str]:
@@ -153,15 +201,16 @@ def _worker_start(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_in_worker(spec: RunSpec, scratch: str) -> dict[str, Any]:
-    return spec.run(scratch)
+def _run_in_worker(spec: RunSpec, scratch: str, resume: str) -> dict[str, Any]:
+    return spec.run(scratch, resume)
 
 
 def run_specs(specs: Sequence[RunSpec], *, runs_dir: str, scope: Sequence[str], jobs: int = 1,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """The results of ``specs`` in their order: stored ones read from ``runs_dir``, the others run
     (``jobs`` at a time in spawned worker processes with this process's torch thread count; one job
-    runs them here) and stored as each finishes."""
+    runs them here) and stored as each finishes; a run left unfinished by an earlier invocation continues
+    from its last epoch."""
     folder = Path(runs_dir)
     folder.mkdir(parents=True, exist_ok=True)
     code = code_state(scope)
@@ -172,20 +221,26 @@ def run_specs(specs: Sequence[RunSpec], *, runs_dir: str, scope: Sequence[str], 
         log(f"ssl_runs: {len(specs) - len(todo)} of {len(specs)} runs reused from {runs_dir}")
     scratch = str(folder / "scratch")
 
+    resumes = [str(path.with_suffix(".ckpt")) for path in paths]
+    continued = sum(os.path.isfile(resumes[index]) for index in todo)
+    if continued:
+        log(f"ssl_runs: {continued} unfinished runs continue from their last epoch")
+
     def done(index: int, result: dict[str, Any]) -> None:
         results[index] = result
         _store(paths[index], result)
+        Path(resumes[index]).unlink(missing_ok=True)
         spec = specs[index]
         log(f"ssl_runs: seed {spec.seed}, {spec.epochs} epochs, keep {spec.keep_ratio:g} / scale {spec.patch_scale}"
             f"{', schedule' if spec.schedule_file else ''}: final k-NN {result['final_knn_acc']:.4f}")
 
     if jobs <= 1 or len(todo) <= 1:
         for index in todo:
-            done(index, specs[index].run(scratch))
+            done(index, specs[index].run(scratch, resumes[index]))
     else:
         with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=get_context("spawn"), initializer=_worker_start,
                                  initargs=(torch.get_num_threads(),)) as pool:
-            futures = {pool.submit(_run_in_worker, specs[index], scratch): index for index in todo}
+            futures = {pool.submit(_run_in_worker, specs[index], scratch, resumes[index]): index for index in todo}
             for future in as_completed(futures):
                 done(futures[future], future.result())
     return [result for result in results if result is not None]

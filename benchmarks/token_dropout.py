@@ -21,7 +21,8 @@
        FLOPs (the search's measured step costs); final k-NN compared with the searched run, paired.
 
     Runs go ``--jobs`` at a time in worker processes (`benchmarks/ssl_runs.py`); with ``--runs-dir`` every
-    finished run and search is kept and reused, so a benchmark of many hours can be stopped and continued.
+    finished run and search is kept and reused, and an unfinished run continues from its last epoch, so a
+    benchmark of many hours can be stopped (or killed) and continued.
 
     python benchmarks/token_dropout.py [--small] [--parts a,b] [--methods simclr,mocov3,dino] [--seeds 3] [--data D]
         [--jobs 2] [--runs-dir DIR]

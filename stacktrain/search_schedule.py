@@ -84,6 +84,7 @@ __all__ = [
     "make_candidates",
     "measure_checkpoints",
     "search_schedule",
+    "load_config",
     "main",
 ]
 
@@ -450,8 +451,10 @@ def _trainer(settings: dict[str, Any], callbacks: list[Callback]) -> Trainer:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def _load(config_path: str, overrides: Sequence[str]) -> tuple[LightningModule, Any, dict[str, Any]]:
-    """The config's model and data module (its callbacks and loggers left out) and its trainer settings."""
+def load_config(config_path: str, overrides: Sequence[str]) -> tuple[LightningModule, Any, dict[str, Any]]:
+    """The config's model and data module (its callbacks and loggers left out) and its trainer settings, as
+    ``train.py`` would build them with ``overrides`` (command-line style); what a benchmark or a search uses
+    to train or probe a config without its loggers."""
     from stacktrain.cli import StackCLI
 
     with open(config_path, encoding="utf-8") as handle:
@@ -563,7 +566,7 @@ def search_schedule(
     start = time.process_time()
     _check_arguments(budget, out, batches, patch_mode, checkpoints)
     points = _check_points(points)
-    model, datamodule, settings = _load(config, overrides)
+    model, datamodule, settings = load_config(config, overrides)
     candidates = make_candidates(model, datamodule, keep_ratios, patch_scales, vit_path)
     training_seconds = None
     if checkpoints is None:

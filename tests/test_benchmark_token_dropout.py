@@ -101,3 +101,50 @@ def test_stored_runs_are_keyed_by_what_decides_them(tmp_path):
     config.write_text("trainer: {max_epochs: 3}\n")
     assert spec.key(code) != key  # the config's content
     assert spec.key(code_state([*SCOPE, "stacktrain/errors.py"])) != spec.key(code)  # the measured code
+
+
+def test_a_killed_run_continues_from_its_last_epoch_and_ends_the_same(tmp_path):
+    """A run stopped after its first epoch (as a killed benchmark leaves it) and continued from its
+    `EpochCheckpoint` draws the same data, augmentations and token masks as the uninterrupted run: the
+    same k-NN curve, steps and progress checkpoint (taken after the resume), number for number."""
+    from argparse import Namespace
+
+    import torch
+    import yaml
+    from lightning.pytorch import Callback
+
+    from benchmarks.ssl_runs import RunSpec, ssl_run
+    from benchmarks.token_dropout import config_path, overrides_for
+    from stacktrain.search_schedule import load_progress_checkpoints
+
+    config = config_path("simclr", "digits")
+    args = Namespace(data="digits", image_size=0, small=True, width=32, depth=2, patch_size=0)
+    overrides = (*overrides_for(yaml.safe_load(open(config)), args), "--trainer.limit_train_batches", "3")
+
+    def spec(folder: str) -> RunSpec:
+        return RunSpec(config, 0, overrides, 3, keep_ratio=0.5, checkpoints=str(tmp_path / folder),
+                       checkpoint_points=(0.0, 0.5))
+
+    whole = spec("whole").run(str(tmp_path / "scratch"))
+
+    class StopAfterFirstEpoch(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    resume = tmp_path / "run.ckpt"
+    cut = spec("cut")
+    first = ssl_run(config, 0, list(overrides), str(tmp_path / "scratch"), 3, technique=cut.technique(),
+                    checkpoints=cut.checkpoints, checkpoint_points=cut.checkpoint_points, resume=str(resume),
+                    callbacks=[StopAfterFirstEpoch()])
+    assert len(first["curve"]) == 1 and resume.is_file()
+    continued = cut.run(str(tmp_path / "scratch"), resume=str(resume))
+
+    assert continued["steps"] == whole["steps"] == 9
+    assert [p["knn_acc"] for p in continued["curve"]] == [p["knn_acc"] for p in whole["curve"]]
+    assert len(continued["curve"]) == 3 and continued["cpu_s"] > first["cpu_s"]  # the first epoch's time is kept
+    kept = [load_progress_checkpoints(str(tmp_path / folder)) for folder in ("whole", "cut")]
+    assert [step for _, step, _ in kept[0]] == [step for _, step, _ in kept[1]]
+    assert kept[1][-1][1] > 3  # the late checkpoint was taken after the resume
+    late = [torch.load(entries[-1][2], weights_only=True)["state_dict"] for entries in kept]
+    assert late[0].keys() == late[1].keys()
+    assert all(torch.equal(late[0][name], late[1][name]) for name in late[0])  # after the resume: same weights
