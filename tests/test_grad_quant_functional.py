@@ -12,8 +12,8 @@ from stacktrain.errors import StackError
 from stacktrain.functional.grad_quant_hypernet import GradientHyperNetwork, HypernetCompensation, hypernet_parameter_names
 from stacktrain.functional.grad_quant import GradientQuantizer, apply_grad_quant, noise_seed
 from stacktrain.functional.quantize import (
-    dequantize, fake_quantize, max_code, pack_codes, pack_int4, payload_bytes, quantize, relative_error, unpack_codes,
-    unpack_int4,
+    NOISE_LEVELS, dequantize, fake_quantize, max_code, pack_codes, pack_int4, payload_bytes, quantize, relative_error,
+    rounding_noise, unpack_codes, unpack_int4,
 )
 
 
@@ -39,6 +39,27 @@ def test_nearest_rounding_error_is_at_most_half_a_step():
     x = torch.randn(1000, generator=generator())
     q = quantize(x, 4, stochastic=False)
     assert (dequantize(q) - x).abs().max() <= q.scale / 2 + 1e-7
+
+
+def test_rounding_noise_is_uniform_on_the_16_bit_grid_and_reproducible():
+    u = rounding_noise(400_003, generator=generator(3))
+    assert u.shape == (400_003,) and u.dtype == torch.float32
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    levels = u * NOISE_LEVELS - 0.5
+    assert torch.equal(levels, levels.round())  # exactly (k + 0.5) / 2^16
+    assert abs(float(u.mean()) - 0.5) < 5 * (1 / 12) ** 0.5 / 400_003**0.5
+    # the high and the low byte of each 16-bit value are both uniform: 256 bins, chi-square far from its
+    # 0.999 quantile (~330) only if a byte is biased (a sign bit always 0 would empty half the bins)
+    k = levels.long()
+    for byte in (k >> 8, k & 255):
+        counts = torch.bincount(byte, minlength=256).float()
+        expected = u.numel() / 256
+        assert float(((counts - expected) ** 2 / expected).sum()) < 330
+    # the same generator state gives the same noise, also into a slice of a larger buffer
+    buffer = torch.zeros(400_010)
+    rounding_noise(400_003, generator=generator(3), out=buffer[5:400_008])
+    assert torch.equal(buffer[5:400_008], u) and buffer[:5].eq(0).all() and buffer[400_008:].eq(0).all()
+    assert not torch.equal(rounding_noise(1000, generator=generator(4)), u[:1000])
 
 
 def test_stochastic_rounding_is_unbiased_and_nearest_is_not():

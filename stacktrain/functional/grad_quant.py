@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch import nn
 
 from stacktrain.errors import StackError, require_choice
-from stacktrain.functional.quantize import check_bits, fake_quantize, max_code, pack_codes, relative_error, unpack_codes
+from stacktrain.functional.quantize import (check_bits, fake_quantize, max_code, pack_codes, relative_error,
+                                          noise_draws, noise_from_draws_, unpack_codes)
 
 __all__ = [
     "TARGETS",
@@ -44,7 +45,7 @@ ACTIVATION_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2
 def noise_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, rank, epoch, batch...), the same on every machine: the keys of
     the rounding noise. The project's seed mixer is `stacktrain.functional.seeding.mix_seed`; this hash
-    stays for the quantizers so their noise, and the published grad_quant figures, are unchanged."""
+    stays for the quantizers so their seeds are unchanged."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
         value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 % (2**64)
@@ -336,9 +337,10 @@ def _quantize_bucket(state: CompressedCommState, values: torch.Tensor,
         noise = torch.empty_like(scaled)
         start = 0
         for size, index in zip(layout.sizes, layout.indices):  # one seeded draw per parameter, no other per-parameter work
-            torch.rand(size, generator=state.generators.for_parameter(values.device, index), out=noise[start : start + size])
+            noise[start : start + size] = noise_draws(size, generator=state.generators.for_parameter(values.device, index),
+                                                      device=values.device)
             start += size
-        scaled.add_(noise).floor_()
+        scaled.add_(noise_from_draws_(noise)).floor_()
     else:
         scaled.round_()
     return scaled.clamp_(-top, top).to(torch.int8), scale, finite.all()
