@@ -57,6 +57,22 @@ def micro_clip(tmp_path_factory) -> str:
     return random_clip_weights(tmp_path_factory.mktemp("clip"))
 
 
+def refused(capsys: Any, argv: list[str]) -> str:
+    """Run the CLI on ``argv``; it must stop with exit status 2, no traceback, and end with one line
+    ``stacktrain: error: ... Fix: ...``, which is returned. The last line: Lightning may warn first (once
+    per process) that the CLI was given ``args`` beside pytest's own command line."""
+    from stacktrain.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    full = capsys.readouterr().err
+    err = full.strip().splitlines()[-1]
+    assert err.startswith("stacktrain: error: ") and "Fix:" in err and not err.startswith("stacktrain: error: stacktrain:")
+    assert "Traceback" not in full
+    return err
+
+
 def make_trainer(root: Any = None, callbacks: Sequence[Any] = (), *, processes: int = 1, **overrides: Any) -> Any:
     """The one Trainer factory of the tests: CPU, quiet (no logger, checkpoints, progress bar or model
     summary), in ``root``; one process, or with ``processes=2`` DDP over gloo (as the 2-process drivers

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, make_trainer
+from conftest import CONFIGS, make_trainer, refused
 from ddp_harness import assert_states_equal
 
 from stacktrain.cli import main
@@ -30,16 +30,6 @@ def args_for(root: Path, *extra: str, config: str = QUICKSTART, epochs: int = 1)
     return ["fit", "--config", config, "--trainer.logger", "false", "--trainer.default_root_dir", str(root),
             "--model.model_kwargs", TINY, "--trainer.max_epochs", str(epochs), "--trainer.limit_train_batches", "4",
             "--trainer.limit_val_batches", "1", "--trainer.enable_model_summary", "false", *extra]
-
-
-def refused(capsys, argv: list[str]) -> str:
-    """Run ``argv``; it must stop with exit status 2 and one line ``stacktrain: error: ...``."""
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("stacktrain: error: ") and "Fix:" in err and not err.startswith("stacktrain: error: stacktrain:")
-    return err
 
 
 @pytest.fixture(scope="module")
